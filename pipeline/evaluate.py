@@ -1,0 +1,95 @@
+"""Stage 4, evaluate (once per readout): models/<readout>/ + test set -> eval/<readout>/.
+
+Writes metrics.json (test loss, accuracy, per-class accuracy: read by `dvc metrics show/diff` and
+`dvc exp show`), confusion.csv (one row per test image, for `dvc plots show`) and confusion.png,
+and logs the same into the MLflow run that train opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import keras
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+
+from pipeline import params as P
+from pipeline import tracking
+from pipeline.io import DataError, atomic_path, load_npz, read_json, run_stage, write_json
+from pipeline.model import score
+
+PREPARED = Path("data/prepared")
+MODELS = Path("models")
+OUT = Path("eval")
+
+
+def confusion_matrix(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """10x10 counts: row = true class, column = predicted class."""
+    return np.bincount(actual * 10 + predicted, minlength=100).reshape(10, 10)
+
+
+def plot_confusion(matrix: np.ndarray, title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 5.4))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), count in np.ndenumerate(matrix):
+        color = "white" if count > matrix.max() / 2 else "black"
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color=color)
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="actual", title=title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def evaluate(readout: str) -> None:
+    P.load()  # validate params.yaml before any work
+    data = load_npz(PREPARED / "sequences.npz", ("x_test", "y_test"))
+    run = read_json(MODELS / readout / "run.json")
+    tracking.configure()
+    try:
+        model = keras.saving.load_model(MODELS / readout / "model.keras", safe_mode=True)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{MODELS / readout / 'model.keras'}: cannot be loaded ({exc})") from None
+
+    y = data["y_test"]
+    loss, accuracy, predicted = score(model, data["x_test"], y)
+    matrix = confusion_matrix(y, predicted)
+    per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
+    metrics = {
+        "test_accuracy": accuracy,
+        "test_loss": loss,
+        "test_accuracy_per_class": {str(c): float(a) for c, a in enumerate(per_class)},
+    }
+
+    out = OUT / readout
+    write_json(out / "metrics.json", metrics)
+    with atomic_path(out / "confusion.csv") as tmp, tmp.open("w", newline="") as f:
+        csv.writer(f).writerows(
+            [["actual", "predicted"], *zip(y.tolist(), predicted.tolist(), strict=True)]
+        )
+    title = f"{readout}: test accuracy {accuracy:.4f} ({len(y):,} images)"
+    plot_confusion(matrix, title, out / "confusion.png")
+
+    # Into the run that train opened: one MLflow run per trained model.
+    with mlflow.start_run(run_id=run["run_id"]):
+        mlflow.log_metrics({"test_accuracy": accuracy, "test_loss": loss})
+        mlflow.log_metrics({f"test_accuracy_class_{c}": float(a) for c, a in enumerate(per_class)})
+        mlflow.log_artifact(str(out / "confusion.png"))
+        mlflow.log_dict({"actual_by_predicted": matrix.tolist()}, "confusion_matrix.json")
+    print(f"evaluate {readout}: test accuracy {accuracy:.4f}, loss {loss:.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readout", required=True, choices=list(P.CELL_READOUTS["lstm"]))
+    evaluate(parser.parse_args().readout)
+
+
+if __name__ == "__main__":
+    run_stage(main)

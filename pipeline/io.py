@@ -1,0 +1,104 @@
+"""Small shared pieces: atomic outputs, pickle-free arrays, JSON, and the stage entry point."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.params import ParamsError
+
+
+class DataError(ValueError):
+    """Input data is missing, corrupt or not what the stage expects."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; move it into place only if the block succeeds.
+
+    Readers never see a half-written file or folder, and a failure leaves nothing behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}.tmp-"
+    if directory:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix))
+    else:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=path.suffix)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if directory and path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path | str, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path | str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; run the stage that writes it (dvc repro)") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+
+
+def load_npz(path: Path | str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Load the named arrays of an .npz, refusing pickled objects and missing keys."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in keys if k not in npz.files]
+            if missing:
+                raise DataError(f"{path}: missing arrays {missing}; found {sorted(npz.files)}")
+            return {k: npz[k] for k in keys}
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found") from None
+    except ValueError as exc:  # pickled object arrays, corrupt or truncated zip members
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{path}: cannot be read without pickle or is corrupt ({exc})") from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+
+
+def sha256_of(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_npz(path: Path | str, **arrays: np.ndarray) -> None:
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        np.savez(f, **arrays)
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's main(); turn expected failures into one clear line and exit code 2."""
+    try:
+        main()
+    except (ParamsError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,69 @@
+"""The seed's network in Keras 3: per-step Dense -> recurrent layer -> readout -> Dense(10) logits.
+
+Only built-in layers, so the saved .keras model loads in safe mode and through mlflow.pyfunc.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+CELLS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "simple_rnn": keras.layers.SimpleRNN}
+
+
+def build_model(
+    steps: int, features: int, cell: str, readout: str, input_units: int, units: int
+) -> keras.Model:
+    inputs = keras.Input((steps, features), name="sequence")
+    # The seed's tf.layers.dense(x, n_cell): linear, applied to every step alike.
+    x = keras.layers.Dense(input_units, name="input_projection")(inputs)
+    rnn = CELLS[cell](
+        units,
+        return_sequences=readout.startswith("output_"),
+        return_state=readout.startswith("state_"),
+        name="rnn",
+    )
+    if readout.startswith("state_"):
+        # LSTM returns [output, h, c]; GRU and SimpleRNN return [output, h].
+        _, *states = rnn(x)
+        features_out = states[0] if readout == "state_h" else states[1]
+    else:
+        sequence = rnn(x)  # [batch, steps, units]
+        if readout == "output_last":  # output[:, -1]
+            last = keras.layers.Cropping1D((steps - 1, 0), name="last_step")(sequence)
+            features_out = keras.layers.Flatten(name="output_last")(last)
+        else:  # output_mean: the mean over all steps
+            features_out = keras.layers.GlobalAveragePooling1D(name="output_mean")(sequence)
+    logits = keras.layers.Dense(10, name="logits")(features_out)
+    return keras.Model(inputs, logits, name=f"{cell}_{readout}")
+
+
+def score(model: keras.Model, x: np.ndarray, y: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """Mean cross-entropy, accuracy and predicted classes of the model on (x, y)."""
+    logits = model.predict(x, batch_size=1024, verbose=0).astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss = float(-log_probs[np.arange(len(y)), y].mean())
+    predicted = logits.argmax(axis=1)
+    return loss, float((predicted == y).mean()), predicted
+
+
+def readout_gap(model: keras.Model, x: np.ndarray, batch_size: int = 1000) -> float:
+    """max |output[:, -1] - state_h| of the model's recurrent layer on inputs x.
+
+    Rebuilds the trained layer so that it returns both, with the same weights, and compares.
+    """
+    trained = model.get_layer("rnn")
+    probe = type(trained).from_config(
+        {**trained.get_config(), "return_sequences": True, "return_state": True}
+    )
+    project = model.get_layer("input_projection")
+    gap = 0.0
+    for i in range(0, len(x), batch_size):
+        projected = project(x[i : i + batch_size])
+        if not probe.built:
+            probe.build(projected.shape)
+            probe.set_weights(trained.get_weights())
+        sequence, h, *_ = probe(projected)
+        gap = max(gap, float(keras.ops.max(keras.ops.abs(sequence[:, -1] - h))))
+    return gap

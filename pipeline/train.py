@@ -75,6 +75,7 @@ def train(readout: str) -> None:
     n, steps, features = x_train.shape
     experiment_id = tracking.configure()  # fails here, before training, if the store is unusable
 
+    keras.config.disable_interactive_logging()  # no progress bars from predict() calls
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     model = build_model(steps, features, params.model.cell, readout, **_units(params))

@@ -8,7 +8,9 @@ Params: data.dataset, data.source, data.url, data.sha256, data.path, data.timeou
 from __future__ import annotations
 
 import gzip
+import http.client
 import socket
+import ssl
 import sys
 import tempfile
 import urllib.error
@@ -53,13 +55,17 @@ class Unreachable(DataError):
 
 def check(x: np.ndarray, y: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Validate one split: N images of 28x28 with values 0-255, N labels in 0-9."""
+    if not np.issubdtype(x.dtype, np.integer):
+        raise DataError(f"{name}: images must hold integer pixels 0-255, got dtype {x.dtype}")
     if x.ndim != 3 or x.shape[1:] != (28, 28):
         raise DataError(f"{name}: images must have shape (N, 28, 28), got {x.shape}")
     if y.shape != (x.shape[0],):
         raise DataError(f"{name}: {x.shape[0]} images but labels of shape {y.shape}")
     if x.size and (x.min() < 0 or x.max() > 255):
         raise DataError(f"{name}: pixel values must lie in 0-255, got {x.min()}..{x.max()}")
-    if not np.issubdtype(y.dtype, np.integer) or (y.size and (y.min() < 0 or y.max() > 9)):
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{name}: labels must be integers 0-9, got {y.dtype}")
+    if y.size and (y.min() < 0 or y.max() > 9):
         raise DataError(f"{name}: labels must be integers 0-9, got {y.dtype} {y.min()}..{y.max()}")
     return x.astype(np.uint8), y.astype(np.uint8)
 
@@ -84,6 +90,8 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) < 4 or data[0:2] != b"\0\0" or data[2] != 0x08 or data[3] not in (1, 3):
         raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic {data[:4].hex()})")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path}: IDX header cut short ({len(data)} bytes)")
     dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     body = data[4 + 4 * ndim :]
     if len(body) != int(np.prod(dims)):
@@ -142,24 +150,29 @@ def download(url: str, dest: Path, sha256: str, timeout: float) -> None:
         response = urllib.request.urlopen(url, timeout=timeout)
     except urllib.error.HTTPError as exc:
         raise DataError(f"download {url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise Unreachable(f"download {url}: no answer ({reason})") from None
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLError):  # an answer, and a suspicious one: no fallback
+            raise DataError(f"download {url}: TLS error ({exc.reason})") from None
+        raise Unreachable(f"download {url}: no answer ({exc.reason})") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise Unreachable(f"download {url}: no valid answer ({exc!r})") from None
     total = int(response.headers.get("Content-Length") or 0) or None
+    received = 0
     with atomic_path(dest) as tmp, response, tmp.open("wb") as out:
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None)
         try:
             while chunk := response.read(1 << 16):
                 out.write(chunk)
+                received += len(chunk)
                 bar.update(len(chunk))
-        except (OSError, TimeoutError) as exc:  # includes http.client.IncompleteRead
-            msg = f"download {url}: interrupted after {bar.n} bytes ({exc})"
+        except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, IncompleteRead
+            msg = f"download {url}: interrupted after {received} bytes ({exc!r})"
             raise DataError(msg) from None
         finally:
             bar.close()
         out.flush()
-        if total is not None and bar.n != total:
-            raise DataError(f"download {url}: truncated, got {bar.n} of {total} bytes")
+        if total is not None and received != total:
+            raise DataError(f"download {url}: truncated, got {received} of {total} bytes")
         got = sha256_of(tmp)
         if got != sha256:
             raise DataError(f"download {url}: sha256 {got} does not match the pinned {sha256}")

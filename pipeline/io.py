@@ -9,6 +9,8 @@ import os
 import shutil
 import sys
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -78,7 +80,7 @@ def load_npz(path: Path | str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"{path}: cannot be read without pickle or is corrupt ({exc})") from None
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from None
 
 

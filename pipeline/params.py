@@ -6,6 +6,7 @@ the key and what is allowed (ParamsError), so a typo never costs a download or a
 
 from __future__ import annotations
 
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +50,9 @@ class DataParams(_Section):
     def _check(self) -> DataParams:
         if self.source == "path" and not self.path:
             raise ValueError("data.path is required when data.source is 'path'")
-        if self.url is not None and not self.url.startswith(("https://", "http://127.0.0.1")):
+        url = urllib.parse.urlsplit(self.url or "https://")
+        local = url.scheme == "http" and url.hostname == "127.0.0.1"
+        if url.scheme != "https" and not local:
             raise ValueError("data.url must be an https:// URL (or http://127.0.0.1 for tests)")
         sha = self.sha256
         hashes = [sha] if isinstance(sha, str) else list((sha or {}).values())
@@ -151,5 +154,5 @@ def load(path: Path = PARAMS_FILE) -> Params:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     return parse(raw, str(path))

@@ -1,0 +1,74 @@
+"""The network: readout shapes, safe .keras round trip, and output[:, -1] == state_h exactly."""
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.model import build_model, readout_gap, score
+from pipeline.params import CELL_READOUTS
+
+CASES = [(cell, readout) for cell, readouts in CELL_READOUTS.items() for readout in readouts]
+
+
+@pytest.fixture(scope="module")
+def x() -> np.ndarray:
+    return np.random.default_rng(0).random((6, 9, 5), dtype=np.float32)
+
+
+@pytest.mark.parametrize(("cell", "readout"), CASES)
+def test_every_readout_gives_ten_logits_and_survives_a_safe_reload(
+    cell: str, readout: str, x: np.ndarray, tmp_path: Path
+) -> None:
+    keras.utils.set_random_seed(1)
+    model = build_model(9, 5, cell, readout, input_units=8, units=7)
+    # The readout feeds Dense(10) with one vector of `units` per sequence.
+    assert model.get_layer("logits").input.shape == (None, 7)
+    logits = model.predict(x, verbose=0)
+    assert logits.shape == (6, 10)
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_array_equal(again.predict(x, verbose=0), logits)
+
+
+def test_readouts_read_the_layer_they_name(x: np.ndarray) -> None:
+    keras.utils.set_random_seed(1)
+    model = build_model(9, 5, "lstm", "output_mean", input_units=8, units=7)
+    rnn = model.get_layer("rnn")
+    probe = keras.layers.LSTM(7, return_sequences=True, return_state=True)
+    projected = model.get_layer("input_projection")(x)
+    probe.build(projected.shape)
+    probe.set_weights(rnn.get_weights())
+    sequence, h, c = (np.asarray(t) for t in probe(projected))
+    features = keras.Model(model.input, model.get_layer("output_mean").output).predict(x, verbose=0)
+    np.testing.assert_allclose(features, sequence.mean(axis=1), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(h, c)  # state_c is really a different vector from state_h
+
+
+@pytest.mark.parametrize("cell", list(CELL_READOUTS))
+def test_output_last_equals_state_h_exactly(cell: str, x: np.ndarray) -> None:
+    keras.utils.set_random_seed(2)
+    model = build_model(9, 5, cell, "state_h", input_units=8, units=7)
+    assert readout_gap(model, x, batch_size=4) == 0.0
+
+
+def test_same_seed_gives_identical_weights_for_state_h_and_output_last() -> None:
+    weights = []
+    for readout in ("state_h", "output_last"):
+        keras.utils.set_random_seed(3)
+        weights.append(build_model(28, 28, "lstm", readout, 16, 16).get_weights())
+    for a, b in zip(*weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_score_matches_keras_loss_and_accuracy(x: np.ndarray) -> None:
+    keras.utils.set_random_seed(4)
+    model = build_model(9, 5, "gru", "state_h", 8, 7)
+    y = np.array([0, 1, 2, 3, 4, 5], np.int32)
+    loss, accuracy, predicted = score(model, x, y)
+    logits = model.predict(x, verbose=0)
+    expected = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, logits)
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+    np.testing.assert_array_equal(predicted, logits.argmax(axis=1))
+    assert accuracy == pytest.approx(float((predicted == y).mean()))

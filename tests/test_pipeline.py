@@ -1,0 +1,182 @@
+"""End to end: the real `dvc repro` on a copy of the repo, checked through MlflowClient.
+
+Small params (bundled MNIST subset, 1 epoch) keep it to a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline import params as P
+from pipeline.model import build_model
+from pipeline.train import epoch_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"data": {"source": "bundled"}, "train": {"epochs": 1}}
+
+pytestmark = pytest.mark.slow
+
+
+def sh(*cmd: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    )
+    return out
+
+
+def write_params(repo: Path, overrides: dict) -> P.Params:
+    params = P.Params().model_dump()
+    for section, values in overrides.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return P.parse(params)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh git + DVC copy of the project's tracked files, with small params, after dvc repro."""
+    repo = tmp_path_factory.mktemp("repo")
+    files = sh("git", "ls-files", cwd=ROOT).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    write_params(repo, SMALL)
+    sh("git", "init", "-q", cwd=repo)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=repo)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy", cwd=repo)
+    sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def client(repo: Path) -> MlflowClient:
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+def run_of(repo: Path, client: MlflowClient, readout: str):
+    run_id = json.loads((repo / "models" / readout / "run.json").read_text())["run_id"]
+    return client.get_run(run_id)
+
+
+def test_one_finished_run_per_readout_with_params_and_tags(
+    repo: Path, client: MlflowClient
+) -> None:
+    params = P.load(repo / "params.yaml")
+    meta = json.loads((repo / "data/prepared/meta.json").read_text())
+    for readout in ("state_h", "output_last"):
+        run = run_of(repo, client, readout)
+        assert run.info.status == "FINISHED"
+        assert run.data.params == {k: str(v) for k, v in params.flat().items()}
+        tags = run.data.tags
+        assert tags["readout"] == readout
+        assert tags["data.source"] == "bundled"
+        assert tags["data.sha256"] == meta["sha256"]
+        assert len(tags["git.commit"]) == 40
+        metrics = run.data.metrics
+        for key in ("accuracy", "loss", "val_accuracy", "val_loss", "test_accuracy", "test_loss"):
+            assert key in metrics
+        evaluated = json.loads((repo / "eval" / readout / "metrics.json").read_text())
+        assert metrics["test_accuracy"] == evaluated["test_accuracy"]
+        assert evaluated["test_accuracy"] > 0.5  # one epoch on 3,600 digits learns something
+    # Artifacts live in the repo root, where `mlflow ui` started there finds them.
+    assert (repo / "mlruns").is_dir()
+
+
+def test_batch_accuracy_is_each_batch_own_accuracy(repo: Path, client: MlflowClient) -> None:
+    params = P.load(repo / "params.yaml")
+    run = run_of(repo, client, "state_h")
+    history = sorted(
+        client.get_metric_history(run.info.run_id, "batch_accuracy"), key=lambda m: m.step
+    )
+    n_train = json.loads((repo / "data/prepared/meta.json").read_text())["counts"]["train"]
+    batches = epoch_batches(n_train, params.train.batch_size, params.seed, 0)
+    assert [m.step for m in history] == list(range(len(batches)))  # 3,600 / 128 -> 29 points
+    assert len(history) == 29
+
+    # Recompute batch 0 independently: the initial weights (same seed) on the first shuffled batch.
+    with np.load(repo / "data/prepared/sequences.npz", allow_pickle=False) as data:
+        x, y = data["x_train"][batches[0]], data["y_train"][batches[0]]
+    keras.utils.set_random_seed(params.seed)
+    model = build_model(28, 28, "lstm", "state_h", 128, 128)
+    predicted = model.predict(x, verbose=0).argmax(axis=1)
+    assert history[0].value == pytest.approx(float((predicted == y).mean()), abs=1e-7)
+    # Not a running mean: the values jump around instead of smoothing out.
+    values = np.array([m.value for m in history])
+    assert np.abs(np.diff(values)).max() > 0.02
+
+
+def test_state_h_and_output_last_give_identical_curves(repo: Path, client: MlflowClient) -> None:
+    curves = {}
+    for readout in ("state_h", "output_last"):
+        run_id = run_of(repo, client, readout).info.run_id
+        curves[readout] = {
+            key: [
+                (m.step, m.value)
+                for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+            ]
+            for key in ("batch_accuracy", "batch_loss", "val_loss")
+        }
+    assert curves["state_h"] == curves["output_last"]
+    gap = json.loads((repo / "reports/readout_gap.json").read_text())
+    assert gap["max_abs_output_last_minus_state_h"] == 0.0
+    report = (repo / "reports/compare.md").read_text()
+    assert "| state_h |" in report and "| output_last |" in report
+    assert (repo / "reports/batch_accuracy.png").stat().st_size > 10_000
+
+
+def test_logged_model_loads_through_pyfunc_and_predicts(repo: Path, client: MlflowClient) -> None:
+    info = json.loads((repo / "models/output_last/run.json").read_text())
+    pyfunc = mlflow.pyfunc.load_model(info["model_uri"])
+    x = np.load(repo / "data/prepared/sequences.npz", allow_pickle=False)["x_test"][:2]
+    logits = np.asarray(pyfunc.predict(x))
+    assert logits.shape == (2, 10)
+    local = keras.saving.load_model(repo / "models/output_last/model.keras", safe_mode=True)
+    np.testing.assert_allclose(logits, local.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    spec = pyfunc.metadata.get_input_schema().inputs[0]
+    assert spec.shape == (-1, 28, 28)
+    assert pyfunc.metadata.saved_input_example_info is not None
+
+
+def test_editing_lr_reruns_only_train_and_later(repo: Path) -> None:
+    text = (repo / "params.yaml").read_text()
+    try:
+        (repo / "params.yaml").write_text(text.replace("lr: 0.001", "lr: 0.002"))
+        status = sh(sys.executable, "-m", "dvc", "status", cwd=repo).stdout
+    finally:
+        (repo / "params.yaml").write_text(text)
+    assert "train@state_h" in status and "train@output_last" in status
+    assert "fetch" not in status and "preprocess" not in status
+
+
+def test_rerun_gives_identical_metrics_bit_for_bit(repo: Path, client: MlflowClient) -> None:
+    before = {
+        r: (repo / "eval" / r / "metrics.json").read_bytes() for r in ("state_h", "output_last")
+    }
+    first = run_of(repo, client, "state_h").info.run_id
+    sh(sys.executable, "-m", "dvc", "repro", "-f", cwd=repo)
+    for readout, content in before.items():
+        assert (repo / "eval" / readout / "metrics.json").read_bytes() == content
+    second = run_of(repo, client, "state_h").info.run_id
+    assert second != first  # a new MLflow run, with the same curve
+    a, b = (
+        [(m.step, m.value) for m in client.get_metric_history(run_id, "batch_accuracy")]
+        for run_id in (first, second)
+    )
+    assert sorted(a) == sorted(b)

@@ -78,7 +78,7 @@ class TrainParams(_Section):
     )
     lr: float = Field(0.001, gt=0, le=1)
     batch_size: int = Field(128, ge=1, le=65536)
-    epochs: int = Field(10, ge=1, le=10000)
+    epochs: int = Field(20, ge=1, le=10000)
     log_every_n_batches: int = Field(1, ge=1)
 
     @model_validator(mode="after")

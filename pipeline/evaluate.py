@@ -1,14 +1,13 @@
 """Stage 4, evaluate (once per readout): models/<readout>/ + test set -> eval/<readout>/.
 
-Writes metrics.json (test loss, accuracy, per-class accuracy: read by `dvc metrics show/diff` and
-`dvc exp show`), confusion.csv (one row per test image, for `dvc plots show`) and confusion.png,
-and logs the same into the MLflow run that train opened.
+Writes metrics.json (test loss and accuracy, read by `dvc metrics show/diff` and `dvc exp show`),
+per_class.csv (accuracy per class) and confusion.csv (one row per test image), both for
+`dvc plots show`, and confusion.png; logs the same into the MLflow run that train opened.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import keras
@@ -21,7 +20,15 @@ import numpy as np
 
 from pipeline import params as P
 from pipeline import tracking
-from pipeline.io import DataError, atomic_path, load_npz, read_json, run_stage, write_json
+from pipeline.io import (
+    DataError,
+    atomic_path,
+    load_npz,
+    read_json,
+    run_stage,
+    write_csv,
+    write_json,
+)
 from pipeline.model import score
 
 PREPARED = Path("data/prepared")
@@ -61,18 +68,12 @@ def evaluate(readout: str) -> None:
     loss, accuracy, predicted = score(model, data["x_test"], y)
     matrix = confusion_matrix(y, predicted)
     per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
-    metrics = {
-        "test_accuracy": accuracy,
-        "test_loss": loss,
-        "test_accuracy_per_class": {str(c): float(a) for c, a in enumerate(per_class)},
-    }
-
     out = OUT / readout
-    write_json(out / "metrics.json", metrics)
-    with atomic_path(out / "confusion.csv") as tmp, tmp.open("w", newline="") as f:
-        csv.writer(f).writerows(
-            [["actual", "predicted"], *zip(y.tolist(), predicted.tolist(), strict=True)]
-        )
+    write_json(out / "metrics.json", {"test_accuracy": accuracy, "test_loss": loss})
+    write_csv(out / "per_class.csv", ["class", "accuracy"], enumerate(per_class.tolist()))
+    write_csv(
+        out / "confusion.csv", ["actual", "predicted"], np.column_stack([y, predicted]).tolist()
+    )
     title = f"{readout}: test accuracy {accuracy:.4f} ({len(y):,} images)"
     plot_confusion(matrix, title, out / "confusion.png")
 

@@ -10,7 +10,6 @@ Params: seed, model.*, train.lr, train.batch_size, train.epochs, train.log_every
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from mlflow.models import Model, infer_signature
 
 from pipeline import params as P
 from pipeline import tracking
-from pipeline.io import atomic_path, load_npz, read_json, run_stage, write_json
+from pipeline.io import atomic_path, load_npz, read_json, run_stage, write_csv, write_json
 from pipeline.model import build_model, score
 
 PREPARED = Path("data/prepared")
@@ -51,13 +50,6 @@ class _KerasWithExample:
     def save_model(path: str, **kwargs: object) -> None:
         os.makedirs(path, exist_ok=True)
         mlflow.keras.save_model(path=path, **kwargs)
-
-
-def write_csv(path: Path, header: list[str], rows: list[list[float]]) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
 
 
 def fit(

@@ -9,7 +9,6 @@ Params: train.readouts.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import keras
@@ -20,7 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from pipeline import params as P
-from pipeline.io import atomic_path, load_npz, read_json, run_stage, write_json
+from pipeline.io import DataError, atomic_path, load_npz, read_json, run_stage, write_json
 from pipeline.model import readout_gap
 
 PREPARED = Path("data/prepared")
@@ -28,12 +27,12 @@ OUT = Path("reports")
 
 
 def read_curve(readout: str) -> tuple[np.ndarray, np.ndarray]:
-    with open(Path("logs") / readout / "batches.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    return (
-        np.array([int(r["step"]) for r in rows]),
-        np.array([float(r["batch_accuracy"]) for r in rows]),
-    )
+    """(steps, batch accuracies) as train logged them."""
+    path = Path("logs") / readout / "batches.csv"
+    if not path.exists():
+        raise DataError(f"{path}: not found; run the train stage first (dvc repro)")
+    table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+    return table[:, 0].astype(int), table[:, 1]
 
 
 def smooth(y: np.ndarray, window: int) -> np.ndarray:
@@ -91,11 +90,16 @@ def main() -> None:
             },
         )
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        for r, (steps, acc) in curves.items():
-            window = max(1, len(acc) // 100)
-            ax.plot(steps[window - 1 :], smooth(acc, window), label=r, alpha=0.8)
+        window = max(1, len(base_acc) // 100)  # a moving mean, so that the curves stay readable
+        for i, (r, (steps, acc)) in enumerate(curves.items()):
+            style = ("-", "--", ":", "-.")[
+                i % 4
+            ]  # identical curves stay visible on top of each other
+            ax.plot(steps[window - 1 :], smooth(acc, window), style, label=r, alpha=0.8)
         ax.set(
-            xlabel="batch (global step)", ylabel="batch accuracy", title="Batch accuracy by readout"
+            xlabel="batch (global step)",
+            ylabel=f"batch accuracy, mean of {window} batches",
+            title="Batch accuracy by readout",
         )
         ax.legend()
         fig.tight_layout()

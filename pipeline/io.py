@@ -20,6 +20,9 @@ import numpy as np
 
 from pipeline.params import ParamsError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 class DataError(ValueError):
     """Input data is missing, corrupt or not what the stage expects."""
@@ -40,6 +43,7 @@ def atomic_path(path: Path | str, directory: bool = False) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=path.suffix)
         os.close(fd)
         tmp = Path(name)
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_UMASK)  # mkstemp/mkdtemp make them private
     try:
         yield tmp
         if directory and path.exists():

@@ -94,8 +94,23 @@ class MetricBuffer:
     def add(self, key: str, value: float, step: int) -> None:
         self.pending.append(Metric(key, float(value), int(time.time() * 1000), step))
 
-    def flush(self) -> None:
+    def dump(self) -> list[list]:
+        """The unsent points, as JSON-able rows for a checkpoint."""
+        return [[m.key, m.value, m.step, m.timestamp] for m in self.pending]
+
+    def restore(self, rows: list[list]) -> None:
+        self.pending = [Metric(key, value, timestamp, step) for key, value, step, timestamp in rows]
+
+    def flush(self, skip_logged: bool = False) -> None:
+        """Send the pending points; with skip_logged, only those whose (key, step) the run lacks."""
         start = time.perf_counter()
+        if skip_logged and self.pending:
+            logged = {
+                (m.key, m.step)
+                for key in {m.key for m in self.pending}
+                for m in self.client.get_metric_history(self.run_id, key)
+            }
+            self.pending = [m for m in self.pending if (m.key, m.step) not in logged]
         for i in range(0, len(self.pending), MAX_METRICS_PER_REQUEST):
             chunk = self.pending[i : i + MAX_METRICS_PER_REQUEST]
             self.client.log_batch(self.run_id, metrics=chunk)

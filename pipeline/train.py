@@ -10,8 +10,13 @@ Params: seed, model.*, train.lr, train.batch_size, train.epochs, train.log_every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
+import signal
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -20,15 +25,14 @@ import numpy as np
 import tensorflow as tf
 from mlflow.models import Model, infer_signature
 
+from pipeline import checkpoint, tracking
 from pipeline import params as P
-from pipeline import tracking
 from pipeline.io import atomic_path, load_npz, read_json, run_stage, write_csv, write_json
 from pipeline.model import build_model, score
 
 PREPARED = Path("data/prepared")
 MODELS = Path("models")
 LOGS = Path("logs")
-CHECKPOINTS = Path("checkpoints")  # not a DVC out: it must survive a killed run (resume, later)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -52,14 +56,27 @@ class _KerasWithExample:
         mlflow.keras.save_model(path=path, **kwargs)
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; a checkpoint was saved at a batch boundary."""
+
+
 def fit(
-    model: keras.Model, data: dict[str, np.ndarray], params: P.Params, log: tracking.MetricBuffer
-):
-    """Train for params.train.epochs; return the logged batch rows and per-epoch rows."""
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    data: dict[str, np.ndarray],
+    params: P.Params,
+    log: tracking.MetricBuffer,
+    state: dict,
+    save: Callable[[], None],
+    stop: Callable[[], bool],
+) -> None:
+    """Train from `state` (epoch, batch, step, sums, rows) to params.train.epochs.
+
+    Calls save() after every epoch, and after the current batch when stop() turns true.
+    """
     cfg, seed = params.train, params.seed
     x_train, y_train = data["x_train"], data["y_train"]
     _, steps, features = x_train.shape
-    optimizer = keras.optimizers.Adam(learning_rate=cfg.lr)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     spec = (tf.TensorSpec([None, steps, features], tf.float32), tf.TensorSpec([None], tf.int32))
 
@@ -74,28 +91,72 @@ def fit(
         hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
         return loss, tf.reduce_mean(tf.cast(hits, tf.float32))
 
-    batch_rows, epoch_rows, step = [], [], 0
-    for epoch in range(cfg.epochs):
-        sums = np.zeros(3)  # samples, loss * samples, hits
-        for idx in epoch_batches(len(y_train), cfg.batch_size, seed, epoch):
+    while state["epoch"] < cfg.epochs:
+        epoch = state["epoch"]
+        batches = epoch_batches(len(y_train), cfg.batch_size, seed, epoch)
+        for idx in batches[state["batch"] :]:
             loss, acc = (float(t) for t in train_step(x_train[idx], y_train[idx]))
-            sums += (len(idx), loss * len(idx), acc * len(idx))
-            if step % cfg.log_every_n_batches == 0:
-                log.add("batch_accuracy", acc, step)
-                log.add("batch_loss", loss, step)
-                batch_rows.append([step, acc, loss])
-            step += 1
+            sums = state["sums"]  # samples, loss * samples, hits
+            state["sums"] = [
+                sums[0] + len(idx),
+                sums[1] + loss * len(idx),
+                sums[2] + acc * len(idx),
+            ]
+            if state["step"] % cfg.log_every_n_batches == 0:
+                log.add("batch_accuracy", acc, state["step"])
+                log.add("batch_loss", loss, state["step"])
+                state["batch_rows"].append([state["step"], acc, loss])
+            state["step"] += 1
+            state["batch"] += 1
+            if stop():
+                save()
+                raise Interrupted
         val_loss, val_acc, _ = score(model, data["x_val"], data["y_val"])
-        row = {"accuracy": sums[2] / sums[0], "loss": sums[1] / sums[0]}
-        row |= {"val_accuracy": val_acc, "val_loss": val_loss}
+        n, loss_sum, hits = state["sums"]
+        row = {
+            "accuracy": hits / n,
+            "loss": loss_sum / n,
+            "val_accuracy": val_acc,
+            "val_loss": val_loss,
+        }
         for key, value in row.items():
             log.add(key, value, epoch)
+        state["epoch_rows"].append([epoch, *row.values()])
+        state.update(epoch=epoch + 1, batch=0, sums=[0, 0.0, 0.0])
+        save()  # before sending: a kill in between re-sends only the points the store lacks
         log.flush()
-        epoch_rows.append([epoch, *row.values()])
         print(
             f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items())
         )
-    return batch_rows, epoch_rows
+
+
+def start_or_resume(
+    ckpt_path: Path, fp: str, model: keras.Model, optimizer: keras.optimizers.Optimizer
+) -> dict:
+    """The training state: from a checkpoint of the same params and data, else fresh."""
+    state = checkpoint.read_state(ckpt_path)
+    if state is not None and state["fingerprint"] == fp:
+        checkpoint.restore(ckpt_path, model, optimizer)
+        print(
+            f"resuming run {state['run_id']} at epoch {state['epoch'] + 1}, batch {state['batch']}"
+        )
+        return state
+    if state is not None:  # params or data changed: the old run cannot be finished any more
+        print(f"checkpoint {ckpt_path} is for other params or data: starting clean")
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            mlflow.tracking.MlflowClient().set_terminated(state["run_id"], "KILLED")
+    return {
+        "fingerprint": fp,
+        "run_id": None,
+        "epoch": 0,
+        "batch": 0,
+        "step": 0,
+        "sums": [0, 0.0, 0.0],
+        "batch_rows": [],
+        "epoch_rows": [],
+        "seconds": 0.0,
+        "pending": [],
+    }
 
 
 def train(readout: str) -> None:
@@ -103,7 +164,7 @@ def train(readout: str) -> None:
     params.check_readout(readout)
     data = load_npz(PREPARED / "sequences.npz", ("x_train", "y_train", "x_val", "y_val"))
     meta = read_json(PREPARED / "meta.json")
-    n, steps, features = data["x_train"].shape
+    _, steps, features = data["x_train"].shape
     experiment_id = tracking.configure()  # fails here, before training, if the store is unusable
 
     keras.config.disable_interactive_logging()  # no progress bars from predict() calls
@@ -111,59 +172,97 @@ def train(readout: str) -> None:
     tf.config.experimental.enable_op_determinism()
     m = params.model
     model = build_model(steps, features, m.cell, readout, m.input_units, m.units)
+    optimizer = keras.optimizers.Adam(learning_rate=params.train.lr)
+    optimizer.build(model.trainable_variables)  # its variables exist from the start: checkpointable
 
+    ckpt_path = checkpoint.path_for(readout)
+    fp = checkpoint.fingerprint(params, readout, meta["sha256"])
+    state = start_or_resume(ckpt_path, fp, model, optimizer)
     run_name = f"{m.cell}-{meta['order']}-{readout}"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
-        run_id = run.info.run_id
-        # Kept on disk from the start, beside the (future) checkpoint, not only in memory.
-        write_json(CHECKPOINTS / readout / "run.json", {"run_id": run_id})
+    run = mlflow.start_run(run_id=state["run_id"], experiment_id=experiment_id, run_name=run_name)
+    state["run_id"] = run.info.run_id
+    stop_requested = install_stop_handlers()
+    started = time.perf_counter()
+    try:
+        log = tracking.MetricBuffer(run.info.run_id)
+        log.restore(state.pop("pending"))
+        log.flush(skip_logged=True)  # what a killed run had not sent yet
+
+        def save() -> None:
+            seconds = state["seconds"] + time.perf_counter() - started
+            snapshot = {**state, "seconds": seconds, "pending": log.dump()}
+            checkpoint.save(ckpt_path, model, optimizer, snapshot)
+
         mlflow.log_params({k: str(v) for k, v in params.flat().items()})
         mlflow.set_tags(tracking.run_tags(readout, meta))
-        log = tracking.MetricBuffer(run_id)
-        start = time.perf_counter()
-        batch_rows, epoch_rows = fit(model, data, params, log)
-        seconds = time.perf_counter() - start
-        samples = n * params.train.epochs
-        mlflow.log_metrics(
-            {
-                "train_seconds": seconds,
-                "samples_per_second": samples / seconds,
-                "logging_seconds": log.seconds,  # time spent sending metrics, inside train_seconds
-            }
-        )
-        example = data["x_train"][:2]
-        info = Model.log(
-            artifact_path=None,
-            name="model",
-            flavor=_KerasWithExample,
-            flavor_name="keras",
-            model=model,
-            signature=infer_signature(example, model.predict(example, verbose=0)),
-            input_example=example,
-            # Given, not inferred: inference re-imports the model in a subprocess (~10 s).
-            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
-        )
+        save()  # from the first moment on, a kill resumes into this same run
+        fit(model, optimizer, data, params, log, state, save, stop_requested)
+        state["seconds"] += time.perf_counter() - started
+        write_outputs(readout, model, data, state, log.seconds, experiment_id)
+    except Interrupted:
+        mlflow.end_run("KILLED")
+        print(f"train {readout}: interrupted; checkpoint kept, `dvc repro` resumes the run")
+        sys.exit(130)
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+    shutil.rmtree(ckpt_path.parent, ignore_errors=True)
 
+
+def write_outputs(
+    readout: str,
+    model: keras.Model,
+    data: dict[str, np.ndarray],
+    state: dict,
+    logging_seconds: float,
+    experiment_id: str,
+) -> None:
+    """Log the timing and the model to MLflow; write models/<readout>/ and logs/<readout>/."""
+    seconds, samples = state["seconds"], len(data["y_train"]) * len(state["epoch_rows"])
+    mlflow.log_metrics(
+        {
+            "train_seconds": seconds,
+            "samples_per_second": samples / seconds,
+            "logging_seconds": logging_seconds,  # time spent sending metrics, within train_seconds
+        }
+    )
+    example = data["x_train"][:2]
+    info = Model.log(
+        artifact_path=None,
+        name="model",
+        flavor=_KerasWithExample,
+        flavor_name="keras",
+        model=model,
+        signature=infer_signature(example, model.predict(example, verbose=0)),
+        input_example=example,
+        # Given, not inferred: inference re-imports the model in a subprocess (~10 s).
+        pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+    )
+    run = {"run_id": state["run_id"], "experiment_id": experiment_id, "model_uri": info.model_uri}
+    run |= {"readout": readout, "train_seconds": seconds, "samples": samples}
     with atomic_path(MODELS / readout, directory=True) as tmp:
         model.save(tmp / "model.keras")
-        write_json(
-            tmp / "run.json",
-            {
-                "run_id": run_id,
-                "experiment_id": experiment_id,
-                "model_uri": info.model_uri,
-                "readout": readout,
-                "train_seconds": seconds,
-                "samples": samples,
-            },
-        )
-    write_csv(LOGS / readout / "batches.csv", ["step", "batch_accuracy", "batch_loss"], batch_rows)
-    write_csv(
-        LOGS / readout / "epochs.csv",
-        ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"],
-        epoch_rows,
+        write_json(tmp / "run.json", run)
+    batch_header = ["step", "batch_accuracy", "batch_loss"]
+    write_csv(LOGS / readout / "batches.csv", batch_header, state["batch_rows"])
+    epoch_header = ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"]
+    write_csv(LOGS / readout / "epochs.csv", epoch_header, state["epoch_rows"])
+    print(
+        f"train {readout}: {seconds:.1f} s, {samples / seconds:,.0f} samples/s, run {run['run_id']}"
     )
-    print(f"train {readout}: {seconds:.1f} s, {samples / seconds:,.0f} samples/s, run {run_id}")
+
+
+def install_stop_handlers() -> Callable[[], bool]:
+    """Turn SIGINT/SIGTERM into a request that fit() honours at the next batch boundary."""
+    requested: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        requested.append(signum)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: bool(requested)
 
 
 def main() -> None:

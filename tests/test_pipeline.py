@@ -6,9 +6,6 @@ Small params (bundled MNIST subset, 1 epoch) keep it to a few minutes on 2 cores
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,49 +13,22 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
+from project import copy_project, sh
 
 from pipeline import params as P
 from pipeline.model import build_model
 from pipeline.train import epoch_batches
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"data": {"source": "bundled"}, "train": {"epochs": 1}}
 
 pytestmark = pytest.mark.slow
 
 
-def sh(*cmd: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, (
-        f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    )
-    return out
-
-
-def write_params(repo: Path, overrides: dict) -> P.Params:
-    params = P.Params().model_dump()
-    for section, values in overrides.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return P.parse(params)
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh git + DVC copy of the project's tracked files, with small params, after dvc repro."""
-    repo = tmp_path_factory.mktemp("repo")
-    files = sh("git", "ls-files", cwd=ROOT).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
-    write_params(repo, SMALL)
-    sh("git", "init", "-q", cwd=repo)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=repo)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy", cwd=repo)
+    """A fresh git + DVC copy of the project with small params, after a real `dvc repro`."""
+    repo = copy_project(tmp_path_factory.mktemp("repo"), SMALL)
     sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
     return repo
 

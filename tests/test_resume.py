@@ -1,0 +1,146 @@
+"""A training run killed at random moments resumes into the same MLflow run, losing nothing.
+
+Real processes and real signals: `dvc repro` is started, SIGKILLed (with its children) at random
+points while train runs, and restarted; the result must equal an uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from project import clean_env, copy_project, sh
+
+pytestmark = pytest.mark.slow
+PARAMS = {"data": {"source": "bundled"}, "train": {"epochs": 6, "readouts": ["state_h"]}}
+CHECKPOINT = Path("checkpoints/state_h/checkpoint.npz")
+
+
+def start_repro(repo: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro"],
+        cwd=repo,
+        env=clean_env(),
+        start_new_session=True,  # its own process group: one killpg reaches dvc and the stage
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen[bytes], seconds: float = 120) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        if path.exists():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def curve(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def runs(repo: Path) -> tuple[MlflowClient, list]:
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("rnn-mnist-sequences")
+    return client, client.search_runs([experiment.experiment_id])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = copy_project(tmp_path_factory.mktemp("reference"), PARAMS)
+    sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
+    return repo
+
+
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
+    reference: Path, tmp_path: Path
+) -> None:
+    repo = copy_project(tmp_path / "repo", PARAMS)
+    rng = random.Random(2026)
+    kills = 0
+    for _ in range(3):
+        process = start_repro(repo)
+        if wait_for(repo / CHECKPOINT, process):
+            time.sleep(rng.uniform(0.0, 6.0))  # somewhere inside the ~8 s of training
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                kills += 1
+        process.wait(timeout=300)
+        if process.returncode == 0:
+            break
+    assert kills >= 2, "the trials should really have killed training"
+    sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
+
+    for name in (
+        "eval/state_h/metrics.json",
+        "logs/state_h/batches.csv",
+        "logs/state_h/epochs.csv",
+    ):
+        assert (repo / name).read_bytes() == (reference / name).read_bytes(), name
+    assert not (repo / CHECKPOINT).exists()  # removed once the run finished
+
+    client, found = runs(repo)
+    ref_client, ref_runs = runs(reference)
+    assert len(found) == 1, "every restart resumed the same MLflow run"
+    run, ref_run = found[0], ref_runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.info.run_id == json.loads((repo / "models/state_h/run.json").read_text())["run_id"]
+    for key in ("batch_accuracy", "batch_loss", "accuracy", "val_loss"):
+        points = curve(client, run.info.run_id, key)
+        steps = [step for step, _ in points]
+        assert steps == sorted(set(steps)), f"{key}: a step was logged twice"
+        assert points == curve(ref_client, ref_run.info.run_id, key), key
+    assert len(curve(client, run.info.run_id, "batch_accuracy")) == 6 * 29
+    assert run.data.metrics["test_accuracy"] == ref_run.data.metrics["test_accuracy"]
+
+
+def test_sigterm_saves_a_checkpoint_and_marks_the_run_killed(tmp_path: Path) -> None:
+    repo = copy_project(tmp_path / "repo", PARAMS)
+    sh(sys.executable, "-m", "pipeline.fetch", cwd=repo)
+    sh(sys.executable, "-m", "pipeline.preprocess", cwd=repo)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--readout", "state_h"], cwd=repo, env=clean_env()
+    )
+    assert wait_for(repo / CHECKPOINT, process)
+    mtime = (repo / CHECKPOINT).stat().st_mtime_ns
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 130
+    assert (repo / CHECKPOINT).stat().st_mtime_ns > mtime  # saved on the way out
+    _, found = runs(repo)
+    assert [r.info.status for r in found] == ["KILLED"]
+    killed = found[0].info.run_id
+
+    # Same params: resumes and finishes the same run.
+    sh(sys.executable, "-m", "pipeline.train", "--readout", "state_h", cwd=repo)
+    _, found = runs(repo)
+    assert [(r.info.run_id, r.info.status) for r in found] == [(killed, "FINISHED")]
+
+
+def test_changed_params_do_not_resume_a_stale_checkpoint(tmp_path: Path) -> None:
+    repo = copy_project(tmp_path / "repo", PARAMS)
+    sh(sys.executable, "-m", "pipeline.fetch", cwd=repo)
+    sh(sys.executable, "-m", "pipeline.preprocess", cwd=repo)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--readout", "state_h"], cwd=repo, env=clean_env()
+    )
+    assert wait_for(repo / CHECKPOINT, process)
+    time.sleep(1.0)
+    process.kill()
+    process.wait()
+    text = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(text.replace("lr: 0.001", "lr: 0.002"))
+    out = sh(sys.executable, "-m", "pipeline.train", "--readout", "state_h", cwd=repo)
+    assert "starting clean" in out.stdout
+    _, found = runs(repo)
+    status = {r.data.params["train.lr"]: r.info.status for r in found}
+    assert status == {"0.001": "KILLED", "0.002": "FINISHED"}

@@ -28,6 +28,10 @@ class DataError(ValueError):
     """Input data is missing, corrupt or not what the stage expects."""
 
 
+class ConfigError(RuntimeError):
+    """The environment is not usable: e.g. no MLflow server answers at MLFLOW_TRACKING_URI."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; move it into place only if the block succeeds.
@@ -113,6 +117,6 @@ def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(); turn expected failures into one clear line and exit code 2."""
     try:
         main()
-    except (ParamsError, DataError) as exc:
+    except (ParamsError, DataError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

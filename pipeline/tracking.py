@@ -11,14 +11,19 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from pipeline.io import ConfigError
+
 EXPERIMENT = "rnn-mnist-sequences"
 MAX_METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
+SERVER_TIMEOUT = 5.0  # seconds a tracking server gets to answer before a stage gives up
 
 
 def project_root() -> Path:
@@ -35,6 +40,8 @@ def configure() -> str:
     """Point MLflow at the store and experiment; return the experiment id."""
     root = project_root()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
     mlflow.set_tracking_uri(uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
     experiment = mlflow.get_experiment_by_name(name)
@@ -49,6 +56,21 @@ def configure() -> str:
             experiment = mlflow.get_experiment_by_name(name)
             assert experiment is not None
     return experiment.experiment_id
+
+
+def check_server(uri: str, seconds: float = SERVER_TIMEOUT) -> None:
+    """Fail in seconds, before any training, if no tracking server answers at `uri`."""
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=seconds).close()
+    except urllib.error.HTTPError:
+        return  # it answered (perhaps asking for credentials): a server is there
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(
+            f"MLFLOW_TRACKING_URI={uri}: no MLflow server answered within {seconds:g} s "
+            f"({reason}). Start one (mlflow server --host 127.0.0.1 --port 5000), fix the URI, "
+            "or unset MLFLOW_TRACKING_URI to use the embedded store mlflow.db"
+        ) from None
 
 
 def git_commit() -> str:

@@ -1,5 +1,8 @@
 """MLflow configuration: where the store is, where artifacts go, and buffered metric logging."""
 
+import os
+import socket
+import time
 from pathlib import Path
 
 import mlflow
@@ -7,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
+from pipeline.io import ConfigError
 
 
 @pytest.fixture
@@ -62,3 +66,29 @@ def test_metric_buffer_sends_everything_in_chunks_of_at_most_1000(clean_env: Pat
     history = client.get_metric_history(run_id, "batch_accuracy")
     assert sorted(m.step for m in history) == list(range(2500))
     assert buffer.pending == [] and buffer.seconds > 0
+
+
+def test_an_unreachable_tracking_server_fails_fast_with_a_fix(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"MLFLOW_TRACKING_URI=http://127\.0\.0\.1.*unset"):
+        tracking.configure()
+    assert time.monotonic() - start < 6
+
+
+def test_a_silent_tracking_server_fails_within_the_timeout(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setattr(tracking, "SERVER_TIMEOUT", 1.0)
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="no MLflow server answered within 1 s"):
+        tracking.check_server(os.environ["MLFLOW_TRACKING_URI"], tracking.SERVER_TIMEOUT)
+    assert time.monotonic() - start < 3
+    listener.close()

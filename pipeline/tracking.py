@@ -8,6 +8,7 @@ MLFLOW_TRACKING_URI switches to a tracking server; MLFLOW_EXPERIMENT_NAME picks 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -16,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+from filelock import FileLock
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -44,17 +46,20 @@ def configure() -> str:
         check_server(uri)
     mlflow.set_tracking_uri(uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is None:
-        # Fix the artifact folder to the root now: MLflow would otherwise pick ./mlruns relative
-        # to wherever the first run happens to start (a temp copy that DVC deletes).
-        local = uri.startswith("sqlite:")
-        location = (root / "mlruns").as_uri() if local else None
-        try:
-            return mlflow.create_experiment(name, artifact_location=location)
-        except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel stage
-            experiment = mlflow.get_experiment_by_name(name)
-            assert experiment is not None
+    local = uri.startswith("sqlite:")
+    # Parallel stages (`dvc queue start -j 2`) would race MLflow's creation of a new SQLite store
+    # (its schema migrations) and of the experiment: a file lock serialises that first contact.
+    with FileLock(root / ".mlflow.db.lock") if local else contextlib.nullcontext():
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            # Fix the artifact folder to the root now: MLflow would otherwise pick ./mlruns
+            # relative to wherever the first run starts (a temp copy that DVC deletes).
+            location = (root / "mlruns").as_uri() if local else None
+            try:
+                return mlflow.create_experiment(name, artifact_location=location)
+            except mlflow.exceptions.MlflowException:  # a tracking server's other client won
+                experiment = mlflow.get_experiment_by_name(name)
+                assert experiment is not None
     return experiment.experiment_id
 
 

@@ -2,6 +2,8 @@
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -92,3 +94,29 @@ def test_a_silent_tracking_server_fails_within_the_timeout(
         tracking.check_server(os.environ["MLFLOW_TRACKING_URI"], tracking.SERVER_TIMEOUT)
     assert time.monotonic() - start < 3
     listener.close()
+
+
+def test_parallel_stages_creating_a_fresh_store_at_once_all_succeed(clean_env: Path) -> None:
+    """Without the lock, MLflow's schema migrations race (alembic CommandError) and stages die."""
+    code = (
+        "import sys, time\n"
+        "from pipeline import tracking\n"
+        "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"  # start together
+        "print(tracking.configure())\n"
+    )
+    start_at = str(time.time() + 8)  # after every process has imported MLflow
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, start_at],
+            cwd=clean_env,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-2000:] for _, err in outputs]
+    assert len({out.strip() for out, _ in outputs}) == 1  # one experiment, found by all

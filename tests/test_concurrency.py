@@ -1,0 +1,131 @@
+"""Parallel experiments on the embedded SQLite store lose nothing, with two `mlflow ui` readers.
+
+`dvc exp run --queue` x4, then `dvc queue start -j 2`: every run and every metric point must land,
+while two `mlflow ui` processes read the same store over their REST API the whole time.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from project import clean_env, copy_project, sh
+
+pytestmark = pytest.mark.slow
+LRS = ("0.001", "0.002", "0.003", "0.004")
+PARAMS = {"data": {"source": "bundled"}, "train": {"epochs": 1, "readouts": ["state_h"]}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ui(repo: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "ui", "--port", str(port)],
+        cwd=repo,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2).close()
+            return ui, url
+        except OSError:
+            time.sleep(0.5)
+    ui.kill()
+    raise AssertionError("mlflow ui did not start")
+
+
+def poll(url: str, stop: threading.Event, results: list[int]) -> None:
+    body = json.dumps({"experiment_ids": ["0", "1"], "max_results": 100}).encode()
+    while not stop.is_set():
+        request = urllib.request.Request(
+            f"{url}/api/2.0/mlflow/runs/search",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                results.append(response.status)
+        except urllib.error.HTTPError as exc:
+            results.append(exc.code)
+        except OSError:
+            results.append(-1)
+        time.sleep(0.5)
+
+
+def test_queued_experiments_in_parallel_lose_no_run_and_no_point(tmp_path: Path) -> None:
+    repo = copy_project(tmp_path / "repo", PARAMS)
+    uis = [start_ui(repo) for _ in range(2)]  # the readers create the store before any writer
+    stop, results = threading.Event(), [[], []]
+    pollers = [
+        threading.Thread(target=poll, args=(url, stop, r))
+        for (_, url), r in zip(uis, results, strict=True)
+    ]
+    try:
+        for thread in pollers:
+            thread.start()
+        for lr in LRS:
+            sh(
+                sys.executable,
+                "-m",
+                "dvc",
+                "exp",
+                "run",
+                "--queue",
+                "-S",
+                f"train.lr={lr}",
+                cwd=repo,
+            )
+        sh(sys.executable, "-m", "dvc", "queue", "start", "-j", "2", cwd=repo)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            time.sleep(3)
+            status = sh(sys.executable, "-m", "dvc", "queue", "status", cwd=repo).stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+    finally:
+        stop.set()
+        for thread in pollers:
+            thread.join(timeout=60)
+        for ui, _ in uis:
+            ui.terminate()
+            ui.wait(timeout=30)
+    assert status.count("Success") == len(LRS), status
+    for reads in results:  # both readers answered every request while the writers ran
+        assert len(reads) > 20 and set(reads) == {200}, reads
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("rnn-mnist-sequences")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.params["train.lr"] for r in runs) == list(LRS)
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["dvc.exp_name"]
+        counts = {
+            key: len(client.get_metric_history(run.info.run_id, key))
+            for key in ("batch_accuracy", "batch_loss", "accuracy", "val_accuracy", "test_accuracy")
+        }
+        assert counts == {
+            "batch_accuracy": 29,
+            "batch_loss": 29,
+            "accuracy": 1,
+            "val_accuracy": 1,
+            "test_accuracy": 1,
+        }, counts

@@ -140,3 +140,11 @@ def test_unreachable_tracking_server_fails_train_in_seconds(tmp_path: Path) -> N
     assert_refused(out, f"MLFLOW_TRACKING_URI=http://127.0.0.1:{port}: no MLflow server answered")
     assert time.monotonic() - start < 60  # TensorFlow's import included; no training started
     assert not (tmp_path / "models").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_outputs_cannot_be_steered_outside_the_repo(tmp_path: Path) -> None:
+    """Output paths are fixed in each stage; the one name taken from outside is a known readout."""
+    (tmp_path / "params.yaml").write_text("")
+    out = run_stage("train", tmp_path, "--readout", "../../escape")
+    assert out.returncode == 2 and "invalid choice: '../../escape'" in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

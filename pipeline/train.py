@@ -16,7 +16,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import keras
@@ -181,7 +181,6 @@ def train(readout: str) -> None:
     run_name = f"{m.cell}-{meta['order']}-{readout}"
     run = mlflow.start_run(run_id=state["run_id"], experiment_id=experiment_id, run_name=run_name)
     state["run_id"] = run.info.run_id
-    stop_requested = install_stop_handlers()
     started = time.perf_counter()
     try:
         log = tracking.MetricBuffer(run.info.run_id)
@@ -196,10 +195,11 @@ def train(readout: str) -> None:
         mlflow.log_params({k: str(v) for k, v in params.flat().items()})
         mlflow.set_tags(tracking.run_tags(readout, meta))
         save()  # from the first moment on, a kill resumes into this same run
-        fit(model, optimizer, data, params, log, state, save, stop_requested)
+        with stop_on_signals() as stop_requested:
+            fit(model, optimizer, data, params, log, state, save, stop_requested)
         state["seconds"] += time.perf_counter() - started
         write_outputs(readout, model, data, state, log.seconds, experiment_id)
-    except Interrupted:
+    except (Interrupted, KeyboardInterrupt):  # the latter outside fit(), e.g. while logging
         mlflow.end_run("KILLED")
         print(f"train {readout}: interrupted; checkpoint kept, `dvc repro` resumes the run")
         sys.exit(130)
@@ -253,16 +253,19 @@ def write_outputs(
     )
 
 
-def install_stop_handlers() -> Callable[[], bool]:
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[Callable[[], bool]]:
     """Turn SIGINT/SIGTERM into a request that fit() honours at the next batch boundary."""
     requested: list[int] = []
-
-    def handler(signum: int, _frame: object) -> None:
-        requested.append(signum)
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return lambda: bool(requested)
+    previous = {
+        sig: signal.signal(sig, lambda signum, _frame: requested.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield lambda: bool(requested)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main() -> None:

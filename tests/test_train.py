@@ -1,7 +1,14 @@
-"""Each epoch sees every training sample once, in a fresh order drawn from (seed, epoch)."""
+"""Batching, and what a crash does to the MLflow run."""
+
+from pathlib import Path
 
 import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from project import write_params
 
+from pipeline import train as T
+from pipeline.io import save_npz, write_json
 from pipeline.train import epoch_batches
 
 
@@ -16,3 +23,35 @@ def test_epoch_batches_reshuffle_each_epoch_deterministically() -> None:
     np.testing.assert_array_equal(first, np.concatenate(epoch_batches(500, 50, seed=5, epoch=0)))
     assert not np.array_equal(first, np.concatenate(epoch_batches(500, 50, seed=5, epoch=1)))
     assert not np.array_equal(first, np.concatenate(epoch_batches(500, 50, seed=6, epoch=0)))
+
+
+def test_a_crash_marks_the_run_failed_and_keeps_the_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_ROOT", "DVC_EXP_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, {"train": {"epochs": 2, "readouts": ["state_h"]}})
+    rng = np.random.default_rng(0)
+    arrays = {
+        f"x_{s}": rng.random((20, 28, 28), dtype=np.float32) for s in ("train", "val", "test")
+    }
+    arrays |= {f"y_{s}": (np.arange(20) % 10).astype(np.int32) for s in ("train", "val", "test")}
+    save_npz(tmp_path / "data/prepared/sequences.npz", **arrays)
+    meta = {
+        "order": "rows",
+        "sha256": "0" * 64,
+        "source": {"source": "bundled", "dataset": "mnist"},
+    }
+    write_json(tmp_path / "data/prepared/meta.json", meta)
+
+    def crash(*args: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(T, "fit", crash)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        T.train("state_h")
+    (run,) = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
+    assert run.info.status == "FAILED"
+    assert (tmp_path / "checkpoints/state_h/checkpoint.npz").exists()  # a rerun resumes it
+    assert not (tmp_path / "models").exists()

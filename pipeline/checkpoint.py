@@ -4,16 +4,21 @@ One file per readout, checkpoints/<readout>/checkpoint.npz, replaced atomically 
 the model weights, the optimizer's variables, and a JSON state (epoch, batch, step, running sums,
 logged rows, metric points not yet sent, the MLflow run id, and the fingerprint of the params and
 data it belongs to). No pickle: the state is stored as a unicode string array.
+Also here: SIGINT/SIGTERM turned into a stop request honoured at the next batch boundary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import keras
+import mlflow
 import numpy as np
 
 from pipeline import params as P
@@ -60,3 +65,47 @@ def restore(path: Path, model: keras.Model, optimizer: keras.optimizers.Optimize
     model.set_weights([arrays[f"w{i}"] for i in range(n_weights)])
     for i, variable in enumerate(optimizer.variables):
         variable.assign(arrays[f"o{i}"])
+
+
+def start_or_resume(
+    ckpt_path: Path, fp: str, model: keras.Model, optimizer: keras.optimizers.Optimizer
+) -> dict:
+    """The training state: from a checkpoint of the same params and data, else fresh."""
+    state = read_state(ckpt_path)
+    if state is not None and state["fingerprint"] == fp:
+        restore(ckpt_path, model, optimizer)
+        print(
+            f"resuming run {state['run_id']} at epoch {state['epoch'] + 1}, batch {state['batch']}"
+        )
+        return state
+    if state is not None:  # params or data changed: the old run cannot be finished any more
+        print(f"checkpoint {ckpt_path} is for other params or data: starting clean")
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            mlflow.tracking.MlflowClient().set_terminated(state["run_id"], "KILLED")
+    return {
+        "fingerprint": fp,
+        "run_id": None,
+        "epoch": 0,
+        "batch": 0,
+        "step": 0,
+        "sums": [0, 0.0, 0.0],
+        "batch_rows": [],
+        "epoch_rows": [],
+        "seconds": 0.0,
+        "pending": [],
+    }
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[Callable[[], bool]]:
+    """Turn SIGINT/SIGTERM into a request that fit() honours at the next batch boundary."""
+    requested: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, _frame: requested.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield lambda: bool(requested)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -10,13 +10,11 @@ Params: seed, model.*, train.lr, train.batch_size, train.epochs, train.log_every
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -130,35 +128,6 @@ def fit(
         )
 
 
-def start_or_resume(
-    ckpt_path: Path, fp: str, model: keras.Model, optimizer: keras.optimizers.Optimizer
-) -> dict:
-    """The training state: from a checkpoint of the same params and data, else fresh."""
-    state = checkpoint.read_state(ckpt_path)
-    if state is not None and state["fingerprint"] == fp:
-        checkpoint.restore(ckpt_path, model, optimizer)
-        print(
-            f"resuming run {state['run_id']} at epoch {state['epoch'] + 1}, batch {state['batch']}"
-        )
-        return state
-    if state is not None:  # params or data changed: the old run cannot be finished any more
-        print(f"checkpoint {ckpt_path} is for other params or data: starting clean")
-        with contextlib.suppress(mlflow.exceptions.MlflowException):
-            mlflow.tracking.MlflowClient().set_terminated(state["run_id"], "KILLED")
-    return {
-        "fingerprint": fp,
-        "run_id": None,
-        "epoch": 0,
-        "batch": 0,
-        "step": 0,
-        "sums": [0, 0.0, 0.0],
-        "batch_rows": [],
-        "epoch_rows": [],
-        "seconds": 0.0,
-        "pending": [],
-    }
-
-
 def train(readout: str) -> None:
     params = P.load()
     params.check_readout(readout)
@@ -177,7 +146,7 @@ def train(readout: str) -> None:
 
     ckpt_path = checkpoint.path_for(readout)
     fp = checkpoint.fingerprint(params, readout, meta["sha256"])
-    state = start_or_resume(ckpt_path, fp, model, optimizer)
+    state = checkpoint.start_or_resume(ckpt_path, fp, model, optimizer)
     run_name = f"{m.cell}-{meta['order']}-{readout}"
     run = mlflow.start_run(run_id=state["run_id"], experiment_id=experiment_id, run_name=run_name)
     state["run_id"] = run.info.run_id
@@ -195,7 +164,7 @@ def train(readout: str) -> None:
         mlflow.log_params({k: str(v) for k, v in params.flat().items()})
         mlflow.set_tags(tracking.run_tags(readout, meta))
         save()  # from the first moment on, a kill resumes into this same run
-        with stop_on_signals() as stop_requested:
+        with checkpoint.stop_on_signals() as stop_requested:
             fit(model, optimizer, data, params, log, state, save, stop_requested)
         state["seconds"] += time.perf_counter() - started
         write_outputs(readout, model, data, state, log.seconds, experiment_id)
@@ -251,21 +220,6 @@ def write_outputs(
     print(
         f"train {readout}: {seconds:.1f} s, {samples / seconds:,.0f} samples/s, run {run['run_id']}"
     )
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[Callable[[], bool]]:
-    """Turn SIGINT/SIGTERM into a request that fit() honours at the next batch boundary."""
-    requested: list[int] = []
-    previous = {
-        sig: signal.signal(sig, lambda signum, _frame: requested.append(signum))
-        for sig in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield lambda: bool(requested)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def main() -> None:

@@ -77,6 +77,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
         process.wait(timeout=300)
         if process.returncode == 0:
             break
+    print(f"\nkill trials: {kills} SIGKILLs during training, then one clean `dvc repro`")
     assert kills >= 2, "the trials should really have killed training"
     sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
 

@@ -54,6 +54,18 @@ def runs(repo: Path) -> tuple[MlflowClient, list]:
     return client, client.search_runs([experiment.experiment_id])
 
 
+def start_training(tmp_path: Path) -> tuple[Path, subprocess.Popen[bytes]]:
+    """A project copy with prepared data and `pipeline.train` running, its first checkpoint written."""
+    repo = copy_project(tmp_path / "repo", PARAMS)
+    sh(sys.executable, "-m", "pipeline.fetch", cwd=repo)
+    sh(sys.executable, "-m", "pipeline.preprocess", cwd=repo)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--readout", "state_h"], cwd=repo, env=clean_env()
+    )
+    assert wait_for(repo / CHECKPOINT, process)
+    return repo, process
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = copy_project(tmp_path_factory.mktemp("reference"), PARAMS)
@@ -105,13 +117,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
 
 
 def test_sigterm_saves_a_checkpoint_and_marks_the_run_killed(tmp_path: Path) -> None:
-    repo = copy_project(tmp_path / "repo", PARAMS)
-    sh(sys.executable, "-m", "pipeline.fetch", cwd=repo)
-    sh(sys.executable, "-m", "pipeline.preprocess", cwd=repo)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.train", "--readout", "state_h"], cwd=repo, env=clean_env()
-    )
-    assert wait_for(repo / CHECKPOINT, process)
+    repo, process = start_training(tmp_path)
     mtime = (repo / CHECKPOINT).stat().st_mtime_ns
     time.sleep(1.0)
     process.send_signal(signal.SIGTERM)
@@ -128,13 +134,7 @@ def test_sigterm_saves_a_checkpoint_and_marks_the_run_killed(tmp_path: Path) -> 
 
 
 def test_changed_params_do_not_resume_a_stale_checkpoint(tmp_path: Path) -> None:
-    repo = copy_project(tmp_path / "repo", PARAMS)
-    sh(sys.executable, "-m", "pipeline.fetch", cwd=repo)
-    sh(sys.executable, "-m", "pipeline.preprocess", cwd=repo)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.train", "--readout", "state_h"], cwd=repo, env=clean_env()
-    )
-    assert wait_for(repo / CHECKPOINT, process)
+    repo, process = start_training(tmp_path)
     time.sleep(1.0)
     process.kill()
     process.wait()

@@ -58,23 +58,11 @@ class Interrupted(Exception):
     """SIGINT or SIGTERM arrived; a checkpoint was saved at a batch boundary."""
 
 
-def fit(
-    model: keras.Model,
-    optimizer: keras.optimizers.Optimizer,
-    data: dict[str, np.ndarray],
-    params: P.Params,
-    log: tracking.MetricBuffer,
-    state: dict,
-    save: Callable[[], None],
-    stop: Callable[[], bool],
-) -> None:
-    """Train from `state` (epoch, batch, step, sums, rows) to params.train.epochs.
-
-    Calls save() after every epoch, and after the current batch when stop() turns true.
-    """
-    cfg, seed = params.train, params.seed
-    x_train, y_train = data["x_train"], data["y_train"]
-    _, steps, features = x_train.shape
+def make_train_step(
+    model: keras.Model, optimizer: keras.optimizers.Optimizer
+) -> Callable[[np.ndarray, np.ndarray], tuple[tf.Tensor, tf.Tensor]]:
+    """One compiled Adam step on a batch; returns (loss, accuracy) of that batch."""
+    _, steps, features = model.input.shape
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     spec = (tf.TensorSpec([None, steps, features], tf.float32), tf.TensorSpec([None], tf.int32))
 
@@ -88,6 +76,26 @@ def fit(
         # The accuracy of this batch alone, from the forward pass that made the gradient.
         hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
         return loss, tf.reduce_mean(tf.cast(hits, tf.float32))
+
+    return train_step
+
+
+def fit(
+    model: keras.Model,
+    train_step: Callable[[np.ndarray, np.ndarray], tuple[tf.Tensor, tf.Tensor]],
+    data: dict[str, np.ndarray],
+    params: P.Params,
+    log: tracking.MetricBuffer,
+    state: dict,
+    save: Callable[[], None],
+    stop: Callable[[], bool],
+) -> None:
+    """Train from `state` (epoch, batch, step, sums, rows) to params.train.epochs.
+
+    Calls save() after every epoch, and after the current batch when stop() turns true.
+    """
+    cfg, seed = params.train, params.seed
+    x_train, y_train = data["x_train"], data["y_train"]
 
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
@@ -165,7 +173,8 @@ def train(readout: str) -> None:
         mlflow.set_tags(tracking.run_tags(readout, meta))
         save()  # from the first moment on, a kill resumes into this same run
         with checkpoint.stop_on_signals() as stop_requested:
-            fit(model, optimizer, data, params, log, state, save, stop_requested)
+            train_step = make_train_step(model, optimizer)
+            fit(model, train_step, data, params, log, state, save, stop_requested)
         state["seconds"] += time.perf_counter() - started
         write_outputs(readout, model, data, state, log.seconds, experiment_id)
     except (Interrupted, KeyboardInterrupt):  # the latter outside fit(), e.g. while logging

@@ -1,0 +1,223 @@
+"""Training speed: the project's training path against stock Keras and PyTorch, on this machine.
+
+    python benchmarks/bench.py --order rows --steps 200 --repeats 5
+    python benchmarks/bench.py --order pixels --steps 20 --repeats 3
+
+The seed's network (per-step Dense 128 -> LSTM 128 -> Dense 10, batch 128, Adam) trained for a
+fixed number of batches by each contender, in rounds whose order rotates so that machine noise
+hits all alike; samples/s is the median over rounds. Contenders:
+  project     pipeline.train.fit exactly as `dvc repro` runs it, MLflow logging every batch
+  no-logging  the same loop with logging switched off (their ratio is the logging overhead)
+  keras       stock keras.layers.LSTM in a plain model.fit
+  torch       torch.nn.LSTM with the same shapes and optimizer (if torch is installed)
+Also: a large float32 matmul's GFLOP/s, the network's GFLOP/s as a fraction of it, peak RSS.
+Timing lives here, never in the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
+
+import keras
+import tensorflow as tf
+
+from pipeline import params as P
+from pipeline import tracking
+from pipeline.model import build_model
+from pipeline.train import fit, make_train_step
+
+BATCH, UNITS, CLASSES = 128, 128, 10
+
+
+class NoLogging:
+    """Stands in for tracking.MetricBuffer: the loop without any logging."""
+
+    seconds = 0.0
+
+    def add(self, key: str, value: float, step: int) -> None:
+        pass
+
+    def flush(self, skip_logged: bool = False) -> None:
+        pass
+
+
+def cpu_name() -> str:
+    for line in (
+        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    ):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def flops_per_sample(steps: int, features: int) -> float:
+    """Multiply-adds x 2 of one training sample: forward, and about twice that backward."""
+    per_step = 2 * features * UNITS + 2 * (UNITS + UNITS) * 4 * UNITS
+    return 3 * (steps * per_step + 2 * UNITS * CLASSES)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 20) -> float:
+    a = tf.random.normal((n, n))
+    tf.linalg.matmul(a, a).numpy()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        c = tf.linalg.matmul(a, a)
+    c.numpy()
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def project(x: np.ndarray, y: np.ndarray, logging: bool) -> Callable[[], float]:
+    """pipeline.train.fit for one epoch over x (steps x batch samples); returns seconds."""
+    params = P.parse({"train": {"epochs": 1, "readouts": ["state_h"]}})
+    store = tempfile.mkdtemp(prefix="bench-mlflow-")
+
+    def run() -> float:
+        keras.utils.set_random_seed(0)
+        model = build_model(x.shape[1], x.shape[2], "lstm", "state_h", UNITS, UNITS)
+        optimizer = keras.optimizers.Adam(1e-3)
+        optimizer.build(model.trainable_variables)
+        step = make_train_step(model, optimizer)
+        step(x[:BATCH], y[:BATCH])  # trace outside the timing, as every contender does
+        data = {"x_train": x, "y_train": y, "x_val": x[:BATCH], "y_val": y[:BATCH]}
+        state = {"epoch": 0, "batch": 0, "step": 0, "sums": [0, 0.0, 0.0]}
+        state |= {"batch_rows": [], "epoch_rows": []}
+        if logging:
+            import mlflow
+
+            tracking.mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
+            run_id = mlflow.MlflowClient().create_run("0").info.run_id
+            log = tracking.MetricBuffer(run_id)
+        else:
+            log = NoLogging()
+        start = time.perf_counter()
+        fit(model, step, data, params, log, state, save=lambda: None, stop=lambda: False)
+        return time.perf_counter() - start
+
+    return run
+
+
+def stock_keras(x: np.ndarray, y: np.ndarray) -> Callable[[], float]:
+    def run() -> float:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [
+                keras.Input(x.shape[1:]),
+                keras.layers.Dense(UNITS),
+                keras.layers.LSTM(UNITS),
+                keras.layers.Dense(CLASSES),
+            ]
+        )
+        model.compile(
+            keras.optimizers.Adam(1e-3),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+        model.fit(x[: 2 * BATCH], y[: 2 * BATCH], batch_size=BATCH, verbose=0)  # trace
+        start = time.perf_counter()
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=True, verbose=0)
+        return time.perf_counter() - start
+
+    return run
+
+
+def pytorch(x: np.ndarray, y: np.ndarray) -> Callable[[], float] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)  # as TensorFlow's default
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(x.shape[2], UNITS)
+            self.lstm = torch.nn.LSTM(UNITS, UNITS, batch_first=True)
+            self.out = torch.nn.Linear(UNITS, CLASSES)
+
+        def forward(self, s: torch.Tensor) -> torch.Tensor:
+            _, (h, _) = self.lstm(self.proj(s))
+            return self.out(h[-1])
+
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+
+    def run() -> float:
+        torch.manual_seed(0)
+        net = Net()
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        order = torch.randperm(len(yt))
+        start = time.perf_counter()
+        for i in range(0, len(yt), BATCH):
+            idx = order[i : i + BATCH]
+            logits = net(xt[idx])
+            loss = torch.nn.functional.cross_entropy(logits, yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            (logits.argmax(1) == yt[idx]).float().mean().item()  # batch accuracy, as ours
+        return time.perf_counter() - start
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--order", choices=["rows", "pixels"], default="rows")
+    parser.add_argument("--steps", type=int, default=200, help="batches per timed run")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds (median reported)")
+    args = parser.parse_args()
+
+    steps, features = (28, 28) if args.order == "rows" else (784, 1)
+    rng = np.random.default_rng(0)
+    x = rng.random((args.steps * BATCH, steps, features), dtype=np.float32)
+    y = rng.integers(0, CLASSES, len(x)).astype(np.int32)
+    contenders = {
+        "project": project(x, y, logging=True),
+        "no-logging": project(x, y, logging=False),
+        "keras": stock_keras(x, y),
+    }
+    if (torch_run := pytorch(x, y)) is not None:
+        contenders["torch"] = torch_run
+    keras.config.disable_interactive_logging()
+
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    names = list(contenders)
+    for r in range(args.repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
+            seconds[name].append(contenders[name]())
+            print(f"round {r + 1}: {name:10s} {len(x) / seconds[name][-1]:8,.0f} samples/s")
+
+    peak = matmul_gflops()
+    flops = flops_per_sample(steps, features)
+    rate = {name: len(x) / statistics.median(s) for name, s in seconds.items()}
+    print(f"\n{cpu_name()}, {os.cpu_count()} cores, TF {tf.__version__}, Keras {keras.__version__}")
+    print(
+        f"order {args.order} (T={steps}, F={features}), {args.steps} batches of {BATCH}, "
+        f"median of {args.repeats}; matmul peak {peak:,.0f} GFLOP/s"
+    )
+    print("| contender | samples/s | vs keras | GFLOP/s | of peak |")
+    print("|---|---|---|---|---|")
+    for name, value in rate.items():
+        gflops = value * flops / 1e9
+        print(
+            f"| {name} | {value:,.0f} | {value / rate['keras']:.2f}x | {gflops:.1f} | {gflops / peak:.1%} |"
+        )
+    overhead = rate["no-logging"] / rate["project"] - 1
+    print(f"\nlogging overhead: {overhead:+.1%} (project vs no-logging, medians)")
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The fast LSTM training path computes the same logits and gradients as the stock Keras model."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline import fastlstm
+from pipeline.model import build_model
+from pipeline.params import CELL_READOUTS
+
+
+def logits_and_grads(model: keras.Model, forward, x: np.ndarray) -> list[np.ndarray]:
+    weights = tf.range(10, dtype=tf.float32) - 4.5  # a loss that weighs every logit differently
+    with tf.GradientTape() as tape:
+        logits = forward(tf.constant(x))
+        loss = tf.reduce_sum(tf.tanh(logits) * weights)
+    grads = tape.gradient(loss, model.trainable_variables)
+    return [logits.numpy(), *(g.numpy() for g in grads)]
+
+
+def perturbed_model(steps: int, readout: str) -> keras.Model:
+    keras.utils.set_random_seed(3)
+    model = build_model(steps, 5, "lstm", readout, input_units=8, units=7)
+    rng = np.random.default_rng(4)  # nonzero biases, so that every bias path is exercised
+    model.set_weights(
+        [w + rng.normal(0, 0.3, w.shape).astype(w.dtype) for w in model.get_weights()]
+    )
+    return model
+
+
+@pytest.mark.parametrize("readout", CELL_READOUTS["lstm"])
+@pytest.mark.parametrize(("steps", "unroll_max"), [(6, 64), (6, 3)], ids=["unrolled", "while_loop"])
+@pytest.mark.parametrize("batch", [7, 1])  # uneven halves, and an empty one
+def test_same_logits_and_gradients_as_the_keras_model(
+    readout: str, steps: int, unroll_max: int, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fastlstm, "UNROLL_MAX", unroll_max)
+    model = perturbed_model(steps, readout)
+    x = np.random.default_rng(5).normal(size=(batch, steps, 5)).astype(np.float32)
+    assert fastlstm.supports(model)
+    fast = logits_and_grads(model, tf.function(fastlstm.logits_fn(model, readout)), x)
+    stock = logits_and_grads(model, lambda t: model(t, training=True), x)
+    names = ["logits", *(v.path for v in model.trainable_variables)]
+    for name, a, b in zip(names, fast, stock, strict=True):
+        assert a.shape == b.shape, name
+        # float32 rounding: the two compute the same sums in a different order
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=name)
+
+
+def test_is_deterministic() -> None:
+    model = perturbed_model(6, "state_h")
+    x = np.random.default_rng(6).normal(size=(9, 6, 5)).astype(np.float32)
+    forward = tf.function(fastlstm.logits_fn(model, "state_h"))
+    first, second = (logits_and_grads(model, forward, x) for _ in range(2))
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("cell", ["gru", "simple_rnn"])
+def test_other_cells_fall_back_to_the_model_itself(cell: str) -> None:
+    keras.utils.set_random_seed(3)
+    model = build_model(6, 5, cell, "state_h", input_units=8, units=7)
+    assert not fastlstm.supports(model)
+    x = np.random.default_rng(7).normal(size=(3, 6, 5)).astype(np.float32)
+    np.testing.assert_array_equal(fastlstm.logits_fn(model, "state_h")(x), model(x, training=True))
+
+
+def test_a_changed_lstm_setting_falls_back() -> None:
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((6, 5))
+    x = keras.layers.Dense(8, name="input_projection")(inputs)
+    x = keras.layers.LSTM(7, recurrent_activation="hard_sigmoid", name="rnn")(x)
+    model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(x))
+    assert not fastlstm.supports(model)

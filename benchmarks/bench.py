@@ -10,17 +10,22 @@ hits all alike; samples/s is the median over rounds. Contenders:
   no-logging  the same loop with logging switched off (their ratio is the logging overhead)
   keras       stock keras.layers.LSTM in a plain model.fit
   torch       torch.nn.LSTM with the same shapes and optimizer (if torch is installed)
-Also: a large float32 matmul's GFLOP/s, the network's GFLOP/s as a fraction of it, peak RSS.
+Every timed run is a fresh process (compilation excluded from the timing), so each contender
+runs with its own thread settings: the project's as train.py sets them, the others' defaults.
+Also: a large float32 matmul's GFLOP/s, the network's nominal GFLOP/s as a fraction of it (the
+project's path does fewer FLOPs for the same function), and each contender's peak RSS.
 Timing lives here, never in the tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import keras
 import tensorflow as tf
 
+from pipeline import fastlstm, tracking
 from pipeline import params as P
-from pipeline import tracking
-from pipeline.model import build_model
+from pipeline.model import build_model, score
 from pipeline.train import fit, make_train_step
 
 BATCH, UNITS, CLASSES = 128, 128, 10
@@ -89,8 +94,9 @@ def project(x: np.ndarray, y: np.ndarray, logging: bool) -> Callable[[], float]:
         model = build_model(x.shape[1], x.shape[2], "lstm", "state_h", UNITS, UNITS)
         optimizer = keras.optimizers.Adam(1e-3)
         optimizer.build(model.trainable_variables)
-        step = make_train_step(model, optimizer)
+        step = make_train_step(model, optimizer, "state_h")
         step(x[:BATCH], y[:BATCH])  # trace outside the timing, as every contender does
+        score(model, x[:BATCH], y[:BATCH])  # and the validation pass that ends the epoch
         data = {"x_train": x, "y_train": y, "x_val": x[:BATCH], "y_val": y[:BATCH]}
         state = {"epoch": 0, "batch": 0, "step": 0, "sums": [0, 0.0, 0.0]}
         state |= {"batch_rows": [], "epoch_rows": []}
@@ -172,51 +178,97 @@ def pytorch(x: np.ndarray, y: np.ndarray) -> Callable[[], float] | None:
     return run
 
 
+CONTENDERS = ["project", "no-logging", "keras", "torch"]
+
+
+def worker(name: str, steps: int, features: int, batches: int) -> None:
+    """One timed run of one contender, in this process; prints its result as JSON."""
+    if name in ("project", "no-logging"):
+        fastlstm.configure_threads()  # exactly as train.py
+    if name == "matmul":
+        print(json.dumps({"gflops": matmul_gflops()}))
+        return
+    rng = np.random.default_rng(0)
+    x = rng.random((batches * BATCH, steps, features), dtype=np.float32)
+    y = rng.integers(0, CLASSES, len(x)).astype(np.int32)
+    keras.config.disable_interactive_logging()
+    if name == "torch":
+        run = pytorch(x, y)
+        if run is None:
+            print(json.dumps({"missing": "torch is not installed: pip install -e '.[bench]'"}))
+            return
+    elif name == "keras":
+        run = stock_keras(x, y)
+    else:
+        run = project(x, y, logging=name == "project")
+    seconds = run()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"samples_per_second": len(x) / seconds, "rss_mib": rss}))
+
+
+def spawn(name: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--order", args.order]
+    cmd += ["--steps", str(args.steps)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--order", choices=["rows", "pixels"], default="rows")
     parser.add_argument("--steps", type=int, default=200, help="batches per timed run")
     parser.add_argument("--repeats", type=int, default=5, help="rounds (median reported)")
+    parser.add_argument(
+        "--contenders", default=",".join(CONTENDERS), help="comma-separated subset to run"
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
     steps, features = (28, 28) if args.order == "rows" else (784, 1)
-    rng = np.random.default_rng(0)
-    x = rng.random((args.steps * BATCH, steps, features), dtype=np.float32)
-    y = rng.integers(0, CLASSES, len(x)).astype(np.int32)
-    contenders = {
-        "project": project(x, y, logging=True),
-        "no-logging": project(x, y, logging=False),
-        "keras": stock_keras(x, y),
-    }
-    if (torch_run := pytorch(x, y)) is not None:
-        contenders["torch"] = torch_run
-    keras.config.disable_interactive_logging()
+    if args.worker:
+        worker(args.worker, steps, features, args.steps)
+        return
 
-    seconds: dict[str, list[float]] = {name: [] for name in contenders}
-    names = list(contenders)
+    names = [name for name in CONTENDERS if name in args.contenders.split(",")]
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    rss: dict[str, float] = {}
     for r in range(args.repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
-            seconds[name].append(contenders[name]())
-            print(f"round {r + 1}: {name:10s} {len(x) / seconds[name][-1]:8,.0f} samples/s")
+            result = spawn(name, args)
+            if "missing" in result:
+                print(f"{name}: {result['missing']}")
+                names.remove(name)
+                del rates[name]
+                continue
+            rates[name].append(result["samples_per_second"])
+            rss[name] = max(rss.get(name, 0.0), result["rss_mib"])
+            print(f"round {r + 1}: {name:10s} {rates[name][-1]:8,.0f} samples/s")
 
-    peak = matmul_gflops()
+    peak = spawn("matmul", args)["gflops"]
     flops = flops_per_sample(steps, features)
-    rate = {name: len(x) / statistics.median(s) for name, s in seconds.items()}
+    rate = {name: statistics.median(values) for name, values in rates.items()}
+    # Ratios as the median of per-round ratios: noise that hits one round hits both sides.
+    ratio = {
+        (a, b): statistics.median(p / q for p, q in zip(rates[a], rates[b], strict=True))
+        for a in rates
+        for b in rates
+    }
     print(f"\n{cpu_name()}, {os.cpu_count()} cores, TF {tf.__version__}, Keras {keras.__version__}")
     print(
         f"order {args.order} (T={steps}, F={features}), {args.steps} batches of {BATCH}, "
         f"median of {args.repeats}; matmul peak {peak:,.0f} GFLOP/s"
     )
-    print("| contender | samples/s | vs keras | GFLOP/s | of peak |")
-    print("|---|---|---|---|---|")
+    print("| contender | samples/s | vs keras | vs torch | nominal GFLOP/s | of peak | peak RSS |")
+    print("|---|---|---|---|---|---|---|")
     for name, value in rate.items():
         gflops = value * flops / 1e9
+        vs = {b: f"{ratio[name, b]:.2f}x" if b in rates else "-" for b in ("keras", "torch")}
         print(
-            f"| {name} | {value:,.0f} | {value / rate['keras']:.2f}x | {gflops:.1f} | {gflops / peak:.1%} |"
+            f"| {name} | {value:,.0f} | {vs['keras']} | {vs['torch']} | {gflops:.1f} "
+            f"| {gflops / peak:.1%} | {rss[name]:,.0f} MiB |"
         )
-    overhead = rate["no-logging"] / rate["project"] - 1
-    print(f"\nlogging overhead: {overhead:+.1%} (project vs no-logging, medians)")
-    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
+    if {"project", "no-logging"} <= rates.keys():
+        overhead = ratio["no-logging", "project"] - 1
+        print(f"\nlogging overhead: {overhead:+.1%} (no-logging / project, median of rounds)")
 
 
 if __name__ == "__main__":

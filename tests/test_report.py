@@ -1,0 +1,107 @@
+"""python -m pipeline.report on a store this test fills: the table, the full histories, the plots."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from pipeline import report, tracking
+
+# (cell, order, readout, test accuracy, val accuracy per epoch)
+RUNS = [
+    ("lstm", "rows", "state_h", 0.95, [0.90, 0.96, 0.94]),
+    ("gru", "rows", "state_h", 0.97, [0.91, 0.93, 0.97]),
+    ("lstm", "pixels", "state_h", 0.60, [0.40, 0.61, 0.55]),
+    ("simple_rnn", "pixels", "output_last", 0.20, [0.11, 0.15, 0.21]),
+]
+BATCHES = 2500  # more points than the UI's charts sample
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]]:
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment(tracking.EXPERIMENT, (root / "mlruns").as_uri())
+    ids = {}
+    now = int(time.time() * 1000)
+    for cell, order, readout, test, val in RUNS:
+        run = client.create_run(experiment, run_name=f"{cell}-{order}-{readout}")
+        run_id = run.info.run_id
+        params = {"model.cell": cell, "sequence.order": order, "train.lr": "0.001"}
+        client.log_batch(
+            run_id,
+            metrics=[Metric("batch_accuracy", test * i / BATCHES, now, i) for i in range(BATCHES)]
+            + [Metric("val_accuracy", v, now, e) for e, v in enumerate(val)]
+            + [Metric("test_accuracy", test, now, 0), Metric("train_seconds", 12.5, now, 0)],
+        )
+        for key, value in params.items():
+            client.log_param(run_id, key, value)
+        client.set_tag(run_id, "readout", readout)
+        client.set_terminated(run_id, "FINISHED")
+        ids[f"{cell}-{order}"] = run_id
+    unfinished = client.create_run(experiment, run_name="still-running")
+    client.log_param(unfinished.info.run_id, "model.cell", "lstm")
+    return uri, ids
+
+
+def run_report(uri: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {"MLFLOW_TRACKING_URI": uri, "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.report", *args],
+        cwd=cwd,
+        env=env | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_report_tabulates_every_finished_run_with_the_params_that_differ(
+    store: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    uri, ids = store
+    done = run_report(uri, tmp_path)
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "reports/experiments/report.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) == 4  # the unfinished run is left out
+    header = text.splitlines()[2]
+    assert "model.cell" in header and "sequence.order" in header
+    assert "train.lr" not in header  # the same in every run
+    # best test accuracy first; best val accuracy from the full history, not the last epoch
+    assert rows[0].startswith(f"| `{ids['gru-rows'][:8]}`")
+    lstm_rows = next(r for r in rows if ids["lstm-rows"][:8] in r)
+    assert "| 0.9500 | 0.9600 | 12.5 | - |" in lstm_rows
+    assert rows[-1].startswith(f"| `{ids['simple_rnn-pixels'][:8]}`")
+    for png in ("curves.png", "cell_by_order.png"):
+        data = (tmp_path / "reports/experiments" / png).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000
+
+
+def test_chosen_runs_only(store: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    uri, ids = store
+    done = run_report(uri, tmp_path, "--runs", ids["lstm-rows"], ids["lstm-pixels"])
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "reports/experiments/report.md").read_text()
+    assert text.startswith("# 2 runs")
+    assert "model.cell" not in text.splitlines()[2]  # both are LSTMs
+
+
+def test_the_full_metric_history_is_read(store: tuple[str, dict[str, str]]) -> None:
+    uri, ids = store
+    client = MlflowClient(uri)
+    steps, values = report.history(client, client.get_run(ids["gru-rows"]), "batch_accuracy")
+    assert len(steps) == BATCHES and steps[-1] == BATCHES - 1
+    assert values[-1] == pytest.approx(0.97 * (BATCHES - 1) / BATCHES)
+
+
+def test_an_empty_store_is_one_clear_error(tmp_path: Path) -> None:
+    done = run_report(f"sqlite:///{tmp_path / 'empty.db'}", tmp_path)
+    assert done.returncode == 2
+    assert "error: no experiment 'rnn-mnist-sequences'" in done.stderr
+    assert not (tmp_path / "reports").exists()

@@ -38,12 +38,18 @@ def project_root() -> Path:
     return root
 
 
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI (a server that must answer), else the root's mlflow.db."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+    return uri
+
+
 def configure() -> str:
     """Point MLflow at the store and experiment; return the experiment id."""
     root = project_root()
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
-    if uri.startswith(("http://", "https://")):
-        check_server(uri)
+    uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
     local = uri.startswith("sqlite:")

@@ -145,29 +145,52 @@ def logits_fn(model: keras.Model, readout: str) -> Callable[[tf.Tensor], tf.Tens
     """x [B, T, F] -> logits, the same function as model(x); model(x) itself where unsupported."""
     if not supports(model):
         return lambda x: model(x, training=True)
+    carry = stateful_fn(model, readout)
+
+    def logits(x: tf.Tensor) -> tf.Tensor:
+        zeros = tf.zeros([tf.shape(x)[0], model.get_layer("rnn").units], x.dtype)
+        return carry(x, zeros, zeros)[0]
+
+    return logits
+
+
+def stateful_fn(model: keras.Model, readout: str) -> Callable[..., tuple[tf.Tensor, ...]]:
+    """(x [B, T, F], h0, c0) -> (logits, h_T, c_T): the LSTM model run from a given state.
+
+    Chunks of one sequence fed in turn, each from the state the last one ended in, give the same
+    states as the whole sequence at once (train.tbptt_steps relies on it).
+    """
     projection, rnn, head = (model.get_layer(n) for n in ("input_projection", "rnn", "logits"))
     cell = rnn.cell
 
-    def logits(x: tf.Tensor) -> tf.Tensor:
+    def run(x: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor) -> tuple[tf.Tensor, ...]:
         k = _ifoc(tf.convert_to_tensor(cell.kernel))
         kernel = tf.matmul(projection.kernel, k)  # [F, 4H]: projection and input kernel in one
         bias = tf.linalg.matvec(k, projection.bias, transpose_a=True) + _ifoc(cell.bias)
         u = _ifoc(tf.convert_to_tensor(cell.recurrent_kernel))
         batch = tf.shape(x)[0]
-        halves = tf.split(tf.transpose(x, (1, 0, 2)), [batch // 2, batch - batch // 2], axis=1)
-        features = []
-        for part in halves:
-            zeros = tf.zeros([tf.shape(part)[1], rnn.units], x.dtype)
-            hs, cs = lstm_sequence(part, zeros, zeros, kernel, u, bias)
+        sizes = [batch // 2, batch - batch // 2]
+        halves = zip(
+            tf.split(tf.transpose(x, (1, 0, 2)), sizes, axis=1),
+            tf.split(h0, sizes),
+            tf.split(c0, sizes),
+            strict=True,
+        )
+        features, hs_last, cs_last = [], [], []
+        for part, h, c in halves:
+            hs, cs = lstm_sequence(part, h, c, kernel, u, bias)
+            hs_last.append(hs[-1])
+            cs_last.append(cs[-1])
             if readout == "state_c":
                 features.append(cs[-1])
             elif readout == "output_mean":
                 features.append(tf.reduce_mean(hs, axis=0))
             else:  # state_h and output_last are the same tensor, h_T
                 features.append(hs[-1])
-        return head(tf.concat(features, axis=0))
+        logits = head(tf.concat(features, axis=0))
+        return logits, tf.concat(hs_last, axis=0), tf.concat(cs_last, axis=0)
 
-    return logits
+    return run
 
 
 def configure_threads() -> None:

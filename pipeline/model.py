@@ -12,16 +12,24 @@ CELLS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "simple_rnn": keras
 
 
 def build_model(
-    steps: int, features: int, cell: str, readout: str, input_units: int, units: int
+    steps: int,
+    features: int,
+    cell: str,
+    readout: str,
+    input_units: int,
+    units: int,
+    unit_forget_bias: bool = True,
 ) -> keras.Model:
     inputs = keras.Input((steps, features), name="sequence")
     # The seed's tf.layers.dense(x, n_cell): linear, applied to every step alike.
     x = keras.layers.Dense(input_units, name="input_projection")(inputs)
+    options = {"unit_forget_bias": unit_forget_bias} if cell == "lstm" else {}
     rnn = CELLS[cell](
         units,
         return_sequences=readout.startswith("output_"),
         return_state=readout.startswith("state_"),
         name="rnn",
+        **options,
     )
     if readout.startswith("state_"):
         # LSTM returns [output, h, c]; GRU and SimpleRNN return [output, h].

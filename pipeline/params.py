@@ -70,6 +70,7 @@ class ModelParams(_Section):
     cell: Cell = "lstm"
     input_units: int = Field(128, ge=1, le=4096)
     units: int = Field(128, ge=1, le=4096)
+    unit_forget_bias: bool = True  # LSTM: forget-gate bias starts at 1 (the seed's forget_bias)
 
 
 class TrainParams(_Section):
@@ -80,6 +81,9 @@ class TrainParams(_Section):
     batch_size: int = Field(128, ge=1, le=65536)
     epochs: int = Field(20, ge=1, le=10000)
     log_every_n_batches: int = Field(1, ge=1)
+    global_clipnorm: float | None = Field(None, gt=0)  # clip the norm of all gradients together
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to 0 at the end
+    tbptt_steps: int | None = Field(None, ge=1)  # stateful training in chunks of this many steps
 
     @model_validator(mode="after")
     def _unique(self) -> TrainParams:
@@ -99,6 +103,17 @@ class Params(_Section):
     def _readouts_fit_cell(self) -> Params:
         for readout in self.train.readouts:
             self.check_readout(readout, key="train.readouts")
+        if self.train.tbptt_steps is not None:
+            if self.model.cell != "lstm":
+                raise ValueError(
+                    f"train.tbptt_steps: available for model.cell 'lstm' only, not "
+                    f"{self.model.cell!r}; set it to null"
+                )
+            if "output_mean" in self.train.readouts:
+                raise ValueError(
+                    "train.tbptt_steps: not with the readout 'output_mean' (a chunk sees only its "
+                    "own steps); use state_h, output_last or state_c"
+                )
         return self
 
     def check_readout(self, readout: str, key: str = "readout") -> None:

@@ -4,13 +4,15 @@ Writes model.keras and run.json (the MLflow run id that evaluate logs into) unde
 and the per-batch and per-epoch curves as CSV under logs/<readout>/ for `dvc plots show`.
 MLflow gets every param, the tags, `batch_accuracy`/`batch_loss` (the accuracy and loss of that
 one batch, not Keras's running mean), per-epoch accuracy/loss/val_accuracy/val_loss, and the model.
-Params: seed, model.*, train.lr, train.batch_size, train.epochs, train.log_every_n_batches.
+Params: seed, model.*, train.lr/lr_schedule/global_clipnorm/tbptt_steps/batch_size/epochs/
+log_every_n_batches.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import sys
 import time
@@ -54,26 +56,60 @@ class _KerasWithExample:
         mlflow.keras.save_model(path=path, **kwargs)
 
 
+def make_optimizer(cfg: P.TrainParams, samples: int, steps: int = 1) -> keras.optimizers.Optimizer:
+    """Adam with train.lr, optionally decayed (cosine, to 0 at the last update) and clipped."""
+    lr: float | keras.optimizers.schedules.LearningRateSchedule = cfg.lr
+    if cfg.lr_schedule == "cosine":
+        chunks = -(-steps // cfg.tbptt_steps) if cfg.tbptt_steps else 1  # updates per batch
+        total = cfg.epochs * -(-samples // cfg.batch_size) * chunks  # updates in the whole run
+        lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=total)
+    return keras.optimizers.Adam(learning_rate=lr, global_clipnorm=cfg.global_clipnorm)
+
+
 class Interrupted(Exception):
     """SIGINT or SIGTERM arrived; a checkpoint was saved at a batch boundary."""
 
 
 def make_train_step(
-    model: keras.Model, optimizer: keras.optimizers.Optimizer, readout: str
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    readout: str,
+    tbptt_steps: int | None = None,
 ) -> Callable[[np.ndarray, np.ndarray], tuple[tf.Tensor, tf.Tensor]]:
-    """One compiled Adam step on a batch; returns (loss, accuracy) of that batch."""
+    """One compiled Adam step on a batch; returns (loss, accuracy) of that batch.
+
+    With tbptt_steps k shorter than the sequence: one Adam step per chunk of k steps, each chunk
+    starting from the state the previous chunk of the same images ended in (no gradient through
+    it), zeros for a new batch; loss and accuracy are those of the last chunk, the whole image.
+    """
     _, steps, features = model.input.shape
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    forward = fastlstm.logits_fn(model, readout)  # model(x) computed faster, for LSTMs
     spec = (tf.TensorSpec([None, steps, features], tf.float32), tf.TensorSpec([None], tf.int32))
+    forward = fastlstm.logits_fn(model, readout)  # model(x) computed faster, for LSTMs
+    k = tbptt_steps or steps
+    chunks = [(i, min(i + k, steps)) for i in range(0, steps, k)]
+    if len(chunks) > 1:
+        stateful = fastlstm.stateful_fn(model, readout)
 
-    @tf.function(input_signature=spec)
-    def train_step(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def update(x: tf.Tensor, y: tf.Tensor, state: tuple) -> tuple[tf.Tensor, ...]:
         with tf.GradientTape() as tape:
-            logits = forward(x)
+            if state:
+                logits, *state = stateful(x, *state)
+            else:
+                logits = forward(x)
             loss = loss_fn(y, logits)
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return logits, loss, tuple(tf.stop_gradient(s) for s in state)
+
+    @tf.function(input_signature=spec)
+    def train_step(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        state: tuple = ()
+        if len(chunks) > 1:
+            zeros = tf.zeros([tf.shape(x)[0], model.get_layer("rnn").units])
+            state = (zeros, zeros)
+        for start, stop in chunks:
+            logits, loss, state = update(x[:, start:stop], y, state)
         # The accuracy of this batch alone, from the forward pass that made the gradient.
         hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
         return loss, tf.reduce_mean(tf.cast(hits, tf.float32))
@@ -150,8 +186,10 @@ def train(readout: str) -> None:
     keras.utils.set_random_seed(params.seed)
     tf.config.experimental.enable_op_determinism()
     m = params.model
-    model = build_model(steps, features, m.cell, readout, m.input_units, m.units)
-    optimizer = keras.optimizers.Adam(learning_rate=params.train.lr)
+    model = build_model(
+        steps, features, m.cell, readout, m.input_units, m.units, m.unit_forget_bias
+    )
+    optimizer = make_optimizer(params.train, len(data["y_train"]), steps)
     optimizer.build(model.trainable_variables)  # its variables exist from the start: checkpointable
 
     ckpt_path = checkpoint.path_for(readout)
@@ -172,10 +210,10 @@ def train(readout: str) -> None:
             checkpoint.save(ckpt_path, model, optimizer, snapshot)
 
         mlflow.log_params({k: str(v) for k, v in params.flat().items()})
-        mlflow.set_tags(tracking.run_tags(readout, meta))
+        mlflow.set_tags(tracking.run_tags(readout, meta) | {"model.cell": m.cell})
         save()  # from the first moment on, a kill resumes into this same run
         with checkpoint.stop_on_signals() as stop_requested:
-            train_step = make_train_step(model, optimizer, readout)
+            train_step = make_train_step(model, optimizer, readout, params.train.tbptt_steps)
             fit(model, train_step, data, params, log, state, save, stop_requested)
         state["seconds"] += time.perf_counter() - started
         write_outputs(readout, model, data, state, log.seconds, experiment_id)
@@ -205,6 +243,7 @@ def write_outputs(
             "train_seconds": seconds,
             "samples_per_second": samples / seconds,
             "logging_seconds": logging_seconds,  # time spent sending metrics, within train_seconds
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
         }
     )
     example = data["x_train"][:2]

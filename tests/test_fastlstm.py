@@ -73,3 +73,40 @@ def test_a_changed_lstm_setting_falls_back() -> None:
     x = keras.layers.LSTM(7, recurrent_activation="hard_sigmoid", name="rnn")(x)
     model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(x))
     assert not fastlstm.supports(model)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4])
+def test_state_carried_across_chunks_is_the_full_sequence_state(chunk: int) -> None:
+    model = perturbed_model(8, "state_c")
+    x = tf.constant(np.random.default_rng(8).normal(size=(5, 8, 5)).astype(np.float32))
+    run = fastlstm.stateful_fn(model, "state_c")
+    h = c = tf.zeros([5, 7])
+    for start in range(0, 8, chunk):  # training off: a plain forward pass, chunk by chunk
+        logits, h, c = run(x[:, start : start + chunk], h, c)
+    zeros = tf.zeros([5, 7])
+    full_logits, full_h, full_c = run(x, zeros, zeros)
+    np.testing.assert_allclose(h, full_h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c, full_c, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits, full_logits, rtol=1e-5, atol=1e-6)
+    # and the state is Keras's own: the state_c model's logits come from c_T
+    np.testing.assert_allclose(logits, model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_tbptt_takes_one_adam_step_per_chunk_and_starts_each_batch_from_zeros() -> None:
+    from pipeline.train import make_train_step
+
+    x = np.random.default_rng(9).normal(size=(6, 8, 5)).astype(np.float32)
+    y = np.arange(6, dtype=np.int32) % 10
+    results = {}
+    for k in (3, 8, None):  # chunks of 3, 3, 2 steps; one chunk as long as the sequence; off
+        model = perturbed_model(8, "state_h")
+        optimizer = keras.optimizers.Adam(1e-3)
+        step = make_train_step(model, optimizer, "state_h", tbptt_steps=k)
+        losses = [float(step(x, y)[0]) for _ in range(2)]
+        results[k] = (int(optimizer.iterations), losses, model.get_weights())
+    assert results[3][0] == 6  # 2 batches x 3 chunks
+    assert results[8][0] == results[None][0] == 2
+    for a, b in zip(results[8][2], results[None][2], strict=True):
+        np.testing.assert_array_equal(a, b)  # k >= T is plain BPTT, bit for bit
+    assert not np.allclose(results[3][2][0], results[None][2][0])
+    assert all(np.isfinite(results[3][1]))

@@ -20,7 +20,7 @@ def test_flat_uses_dotted_keys_for_every_param() -> None:
     assert flat["train.lr"] == 0.001
     assert flat["model.cell"] == "lstm"
     assert flat["seed"] == 42
-    assert len(flat) == 17
+    assert len(flat) == 21
 
 
 @pytest.mark.parametrize(
@@ -36,6 +36,20 @@ def test_flat_uses_dotted_keys_for_every_param() -> None:
         ({"train": {"readouts": ["state_h", "state_h"]}}, "train.readouts", "twice"),
         ({"train": {"readouts": ["last"]}}, "train.readouts.0", "'output_last'"),
         ({"model": {"cell": "transformer"}}, "model.cell", "'lstm', 'gru' or 'simple_rnn'"),
+        ({"model": {"unit_forget_bias": "yes"}}, "model.unit_forget_bias", "valid boolean"),
+        ({"train": {"global_clipnorm": 0}}, "train.global_clipnorm", "greater than 0"),
+        ({"train": {"lr_schedule": "step"}}, "train.lr_schedule", "'constant' or 'cosine'"),
+        ({"train": {"tbptt_steps": 0}}, "train.tbptt_steps", "greater than or equal to 1"),
+        (
+            {"model": {"cell": "gru"}, "train": {"tbptt_steps": 28}},
+            "train.tbptt_steps",
+            "'lstm' only",
+        ),
+        (
+            {"train": {"tbptt_steps": 28, "readouts": ["output_mean"]}},
+            "train.tbptt_steps",
+            "use state_h, output_last or state_c",
+        ),
         (
             {"model": {"cell": "gru"}, "train": {"readouts": ["state_c"]}},
             "train.readouts",

@@ -7,6 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from project import write_params
 
+from pipeline import params as P
 from pipeline import train as T
 from pipeline.io import save_npz, write_json
 from pipeline.train import epoch_batches
@@ -23,6 +24,19 @@ def test_epoch_batches_reshuffle_each_epoch_deterministically() -> None:
     np.testing.assert_array_equal(first, np.concatenate(epoch_batches(500, 50, seed=5, epoch=0)))
     assert not np.array_equal(first, np.concatenate(epoch_batches(500, 50, seed=5, epoch=1)))
     assert not np.array_equal(first, np.concatenate(epoch_batches(500, 50, seed=6, epoch=0)))
+
+
+def test_cosine_schedule_decays_to_zero_at_the_last_batch_and_clipping_bounds_the_norm() -> None:
+    cfg = P.parse({"train": {"lr_schedule": "cosine", "epochs": 3, "batch_size": 100}}).train
+    lr = T.make_optimizer(cfg, samples=1000)._learning_rate  # the schedule: 3 x 10 batches
+    assert float(lr(0)) == pytest.approx(0.001)
+    assert float(lr(15)) == pytest.approx(0.0005, rel=1e-3)
+    assert float(lr(30)) == pytest.approx(0.0, abs=1e-9)
+
+    clipped = T.make_optimizer(P.parse({"train": {"global_clipnorm": 0.5}}).train, samples=1)
+    grads = [np.full(4, 100.0, np.float32), np.full(9, -3.0, np.float32)]
+    norm = np.sqrt(sum(float(np.sum(np.square(g))) for g in clipped._clip_gradients(grads)))
+    assert norm == pytest.approx(0.5)
 
 
 def test_a_crash_marks_the_run_failed_and_keeps_the_checkpoint(

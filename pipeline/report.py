@@ -3,7 +3,7 @@
 Reads every FINISHED run of the experiment (or the runs named) with full metric histories, not the
 UI's sampled charts, and writes to reports/experiments/:
   report.md           one row per run: the params that differ between runs, test accuracy, best
-                      val accuracy, training seconds, samples/s
+                      val accuracy, training seconds, samples/s, peak RSS, a hash of all params
   curves.png          batch accuracy (smoothed) and val accuracy per epoch, one line per run
   cell_by_order.png   best test accuracy for each model.cell x sequence.order
 Not a DVC stage: its input is the MLflow store, which grows with every experiment.
@@ -12,6 +12,8 @@ Not a DVC stage: its input is the MLflow store, which grows with every experimen
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -54,10 +56,16 @@ def label(run: Run) -> str:
     return f"{name} {run.data.tags.get('readout', '')} ({run.info.run_id[:6]})"
 
 
+def params_hash(run: Run) -> str:
+    """Names the exact configuration: the same params give the same hash, in any store."""
+    return hashlib.sha256(json.dumps(run.data.params, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def table(runs: list[Run], best_val: dict[str, float]) -> str:
     keys = sorted({k for run in runs for k in run.data.params})
     differ = [k for k in keys if len({run.data.params.get(k) for run in runs}) > 1]
     header = ["run", "readout", *differ, "test acc", "best val acc", "train s", "samples/s"]
+    header += ["peak RSS MiB", "params hash"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def number(run: Run, key: str, fmt: str) -> str:
@@ -71,6 +79,7 @@ def table(runs: list[Run], best_val: dict[str, float]) -> str:
         val = best_val.get(run.info.run_id)
         cells += [number(run, "test_accuracy", ".4f"), "-" if val is None else f"{val:.4f}"]
         cells += [number(run, "train_seconds", ".1f"), number(run, "samples_per_second", ",.0f")]
+        cells += [number(run, "peak_rss_mib", ",.0f"), f"`{params_hash(run)}`"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -76,7 +76,9 @@ def test_report_tabulates_every_finished_run_with_the_params_that_differ(
     # best test accuracy first; best val accuracy from the full history, not the last epoch
     assert rows[0].startswith(f"| `{ids['gru-rows'][:8]}`")
     lstm_rows = next(r for r in rows if ids["lstm-rows"][:8] in r)
-    assert "| 0.9500 | 0.9600 | 12.5 | - |" in lstm_rows
+    assert "| 0.9500 | 0.9600 | 12.5 | - | - |" in lstm_rows
+    hashes = {row.split("|")[-2].strip() for row in rows}
+    assert len(hashes) == 4  # every run's params differ
     assert rows[-1].startswith(f"| `{ids['simple_rnn-pixels'][:8]}`")
     for png in ("curves.png", "cell_by_order.png"):
         data = (tmp_path / "reports/experiments" / png).read_bytes()

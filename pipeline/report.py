@@ -52,8 +52,8 @@ def history(client: MlflowClient, run: Run, key: str) -> tuple[np.ndarray, np.nd
 
 
 def label(run: Run) -> str:
-    name = run.data.tags.get("dvc.exp_name") or run.info.run_name
-    return f"{name} {run.data.tags.get('readout', '')} ({run.info.run_id[:6]})"
+    """<cell>-<order>-<readout> [dvc experiment or run id]: what differs, and which one."""
+    return f"{run.info.run_name} [{run.data.tags.get('dvc.exp_name') or run.info.run_id[:6]}]"
 
 
 def params_hash(run: Run) -> str:

@@ -228,6 +228,12 @@ def train(readout: str) -> None:
     shutil.rmtree(ckpt_path.parent, ignore_errors=True)
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory; ru_maxrss is KiB on Linux, bytes on macOS."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
 def write_outputs(
     readout: str,
     model: keras.Model,
@@ -243,7 +249,7 @@ def write_outputs(
             "train_seconds": seconds,
             "samples_per_second": samples / seconds,
             "logging_seconds": logging_seconds,  # time spent sending metrics, within train_seconds
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+            "peak_rss_mib": peak_rss_mib(),
         }
     )
     example = data["x_train"][:2]

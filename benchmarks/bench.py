@@ -2,14 +2,16 @@
 
     python benchmarks/bench.py --order rows --steps 200 --repeats 5
     python benchmarks/bench.py --order pixels --steps 20 --repeats 3
+    python benchmarks/bench.py --cell gru --order pixels --steps 10 --repeats 3
 
-The seed's network (per-step Dense 128 -> LSTM 128 -> Dense 10, batch 128, Adam) trained for a
+The seed's network (per-step Dense 128 -> LSTM 128 -> Dense 10, batch 128, Adam; --cell gru or
+simple_rnn for the other cells) trained for a
 fixed number of batches by each contender, in rounds whose order rotates so that machine noise
 hits all alike; samples/s is the median over rounds. Contenders:
   project     pipeline.train.fit exactly as `dvc repro` runs it, MLflow logging every batch
   no-logging  the same loop with logging switched off (their ratio is the logging overhead)
-  keras       stock keras.layers.LSTM in a plain model.fit
-  torch       torch.nn.LSTM with the same shapes and optimizer (if torch is installed)
+  keras       stock keras.layers.LSTM (GRU, SimpleRNN) in a plain model.fit
+  torch       torch.nn.LSTM (GRU, RNN) with the same shapes and optimizer (if torch is installed)
 Every timed run is a fresh process (compilation excluded from the timing), so each contender
 runs with its own thread settings: the project's as train.py sets them, the others' defaults.
 Also: a large float32 matmul's GFLOP/s, the network's nominal GFLOP/s as a fraction of it (the
@@ -39,12 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import keras
 import tensorflow as tf
 
-from pipeline import fastlstm, tracking
+from pipeline import fastrnn, tracking
 from pipeline import params as P
-from pipeline.model import build_model, score
+from pipeline.model import CELLS, build_model, score
 from pipeline.train import fit, make_train_step
 
 BATCH, UNITS, CLASSES = 128, 128, 10
+GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
 
 
 class NoLogging:
@@ -68,9 +71,9 @@ def cpu_name() -> str:
     return platform.machine()
 
 
-def flops_per_sample(steps: int, features: int) -> float:
+def flops_per_sample(steps: int, features: int, cell: str) -> float:
     """Multiply-adds x 2 of one training sample: forward, and about twice that backward."""
-    per_step = 2 * features * UNITS + 2 * (UNITS + UNITS) * 4 * UNITS
+    per_step = 2 * features * UNITS + 2 * (UNITS + UNITS) * GATES[cell] * UNITS
     return 3 * (steps * per_step + 2 * UNITS * CLASSES)
 
 
@@ -84,14 +87,14 @@ def matmul_gflops(n: int = 2048, repeats: int = 20) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def project(x: np.ndarray, y: np.ndarray, logging: bool) -> Callable[[], float]:
+def project(x: np.ndarray, y: np.ndarray, cell: str, logging: bool) -> Callable[[], float]:
     """pipeline.train.fit for one epoch over x (steps x batch samples); returns seconds."""
     params = P.parse({"train": {"epochs": 1, "readouts": ["state_h"]}})
     store = tempfile.mkdtemp(prefix="bench-mlflow-")
 
     def run() -> float:
         keras.utils.set_random_seed(0)
-        model = build_model(x.shape[1], x.shape[2], "lstm", "state_h", UNITS, UNITS)
+        model = build_model(x.shape[1], x.shape[2], cell, "state_h", UNITS, UNITS)
         optimizer = keras.optimizers.Adam(1e-3)
         optimizer.build(model.trainable_variables)
         step = make_train_step(model, optimizer, "state_h")
@@ -115,14 +118,14 @@ def project(x: np.ndarray, y: np.ndarray, logging: bool) -> Callable[[], float]:
     return run
 
 
-def stock_keras(x: np.ndarray, y: np.ndarray) -> Callable[[], float]:
+def stock_keras(x: np.ndarray, y: np.ndarray, cell: str) -> Callable[[], float]:
     def run() -> float:
         keras.utils.set_random_seed(0)
         model = keras.Sequential(
             [
                 keras.Input(x.shape[1:]),
                 keras.layers.Dense(UNITS),
-                keras.layers.LSTM(UNITS),
+                CELLS[cell](UNITS),
                 keras.layers.Dense(CLASSES),
             ]
         )
@@ -139,7 +142,7 @@ def stock_keras(x: np.ndarray, y: np.ndarray) -> Callable[[], float]:
     return run
 
 
-def pytorch(x: np.ndarray, y: np.ndarray) -> Callable[[], float] | None:
+def pytorch(x: np.ndarray, y: np.ndarray, cell: str) -> Callable[[], float] | None:
     try:
         import torch
     except ImportError:
@@ -150,12 +153,13 @@ def pytorch(x: np.ndarray, y: np.ndarray) -> Callable[[], float] | None:
         def __init__(self) -> None:
             super().__init__()
             self.proj = torch.nn.Linear(x.shape[2], UNITS)
-            self.lstm = torch.nn.LSTM(UNITS, UNITS, batch_first=True)
+            rnn = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "simple_rnn": torch.nn.RNN}
+            self.rnn = rnn[cell](UNITS, UNITS, batch_first=True)
             self.out = torch.nn.Linear(UNITS, CLASSES)
 
         def forward(self, s: torch.Tensor) -> torch.Tensor:
-            _, (h, _) = self.lstm(self.proj(s))
-            return self.out(h[-1])
+            _, h = self.rnn(self.proj(s))
+            return self.out((h[0] if cell == "lstm" else h)[-1])
 
     xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
 
@@ -181,10 +185,10 @@ def pytorch(x: np.ndarray, y: np.ndarray) -> Callable[[], float] | None:
 CONTENDERS = ["project", "no-logging", "keras", "torch"]
 
 
-def worker(name: str, steps: int, features: int, batches: int) -> None:
+def worker(name: str, cell: str, steps: int, features: int, batches: int) -> None:
     """One timed run of one contender, in this process; prints its result as JSON."""
     if name in ("project", "no-logging"):
-        fastlstm.configure_threads()  # exactly as train.py
+        fastrnn.configure_threads()  # exactly as train.py
     if name == "matmul":
         print(json.dumps({"gflops": matmul_gflops()}))
         return
@@ -193,21 +197,21 @@ def worker(name: str, steps: int, features: int, batches: int) -> None:
     y = rng.integers(0, CLASSES, len(x)).astype(np.int32)
     keras.config.disable_interactive_logging()
     if name == "torch":
-        run = pytorch(x, y)
+        run = pytorch(x, y, cell)
         if run is None:
             print(json.dumps({"missing": "torch is not installed: pip install -e '.[bench]'"}))
             return
     elif name == "keras":
-        run = stock_keras(x, y)
+        run = stock_keras(x, y, cell)
     else:
-        run = project(x, y, logging=name == "project")
+        run = project(x, y, cell, logging=name == "project")
     seconds = run()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"samples_per_second": len(x) / seconds, "rss_mib": rss}))
 
 
 def spawn(name: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--order", args.order]
+    cmd = [sys.executable, __file__, "--worker", name, "--order", args.order, "--cell", args.cell]
     cmd += ["--steps", str(args.steps)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -216,6 +220,7 @@ def spawn(name: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--order", choices=["rows", "pixels"], default="rows")
+    parser.add_argument("--cell", choices=list(CELLS), default="lstm")
     parser.add_argument("--steps", type=int, default=200, help="batches per timed run")
     parser.add_argument("--repeats", type=int, default=5, help="rounds (median reported)")
     parser.add_argument(
@@ -225,7 +230,7 @@ def main() -> None:
     args = parser.parse_args()
     steps, features = (28, 28) if args.order == "rows" else (784, 1)
     if args.worker:
-        worker(args.worker, steps, features, args.steps)
+        worker(args.worker, args.cell, steps, features, args.steps)
         return
 
     names = [name for name in CONTENDERS if name in args.contenders.split(",")]
@@ -244,7 +249,7 @@ def main() -> None:
             print(f"round {r + 1}: {name:10s} {rates[name][-1]:8,.0f} samples/s")
 
     peak = spawn("matmul", args)["gflops"]
-    flops = flops_per_sample(steps, features)
+    flops = flops_per_sample(steps, features, args.cell)
     rate = {name: statistics.median(values) for name, values in rates.items()}
     # Ratios as the median of per-round ratios: noise that hits one round hits both sides.
     ratio = {
@@ -254,7 +259,7 @@ def main() -> None:
     }
     print(f"\n{cpu_name()}, {os.cpu_count()} cores, TF {tf.__version__}, Keras {keras.__version__}")
     print(
-        f"order {args.order} (T={steps}, F={features}), {args.steps} batches of {BATCH}, "
+        f"cell {args.cell}, order {args.order} (T={steps}, F={features}), {args.steps} batches of {BATCH}, "
         f"median of {args.repeats}; matmul peak {peak:,.0f} GFLOP/s"
     )
     print("| contender | samples/s | vs keras | vs torch | nominal GFLOP/s | of peak | peak RSS |")

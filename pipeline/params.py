@@ -103,17 +103,11 @@ class Params(_Section):
     def _readouts_fit_cell(self) -> Params:
         for readout in self.train.readouts:
             self.check_readout(readout, key="train.readouts")
-        if self.train.tbptt_steps is not None:
-            if self.model.cell != "lstm":
-                raise ValueError(
-                    f"train.tbptt_steps: available for model.cell 'lstm' only, not "
-                    f"{self.model.cell!r}; set it to null"
-                )
-            if "output_mean" in self.train.readouts:
-                raise ValueError(
-                    "train.tbptt_steps: not with the readout 'output_mean' (a chunk sees only its "
-                    "own steps); use state_h, output_last or state_c"
-                )
+        if self.train.tbptt_steps is not None and "output_mean" in self.train.readouts:
+            raise ValueError(
+                "train.tbptt_steps: not with the readout 'output_mean' (a chunk sees only its "
+                "own steps); use state_h, output_last or state_c"
+            )
         return self
 
     def check_readout(self, readout: str, key: str = "readout") -> None:

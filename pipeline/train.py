@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from mlflow.models import Model, infer_signature
 
-from pipeline import checkpoint, fastlstm, tracking
+from pipeline import checkpoint, fastrnn, tracking
 from pipeline import params as P
 from pipeline.io import atomic_path, load_npz, read_json, run_stage, write_csv, write_json
 from pipeline.model import build_model, score
@@ -85,11 +85,11 @@ def make_train_step(
     _, steps, features = model.input.shape
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     spec = (tf.TensorSpec([None, steps, features], tf.float32), tf.TensorSpec([None], tf.int32))
-    forward = fastlstm.logits_fn(model, readout)  # model(x) computed faster, for LSTMs
+    forward = fastrnn.logits_fn(model, readout)  # model(x), computed faster
     k = tbptt_steps or steps
     chunks = [(i, min(i + k, steps)) for i in range(0, steps, k)]
     if len(chunks) > 1:
-        stateful = fastlstm.stateful_fn(model, readout)
+        stateful = fastrnn.stateful_fn(model, readout)
 
     def update(x: tf.Tensor, y: tf.Tensor, state: tuple) -> tuple[tf.Tensor, ...]:
         with tf.GradientTape() as tape:
@@ -107,7 +107,7 @@ def make_train_step(
         state: tuple = ()
         if len(chunks) > 1:
             zeros = tf.zeros([tf.shape(x)[0], model.get_layer("rnn").units])
-            state = (zeros, zeros)
+            state = (zeros,) * fastrnn.n_states(model)  # (h, c) for an LSTM, (h,) otherwise
         for start, stop in chunks:
             logits, loss, state = update(x[:, start:stop], y, state)
         # The accuracy of this batch alone, from the forward pass that made the gradient.
@@ -174,7 +174,7 @@ def fit(
 
 
 def train(readout: str) -> None:
-    fastlstm.configure_threads()
+    fastrnn.configure_threads()
     params = P.load()
     params.check_readout(readout)
     data = load_npz(PREPARED / "sequences.npz", ("x_train", "y_train", "x_val", "y_val"))

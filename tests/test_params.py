@@ -41,11 +41,6 @@ def test_flat_uses_dotted_keys_for_every_param() -> None:
         ({"train": {"lr_schedule": "step"}}, "train.lr_schedule", "'constant' or 'cosine'"),
         ({"train": {"tbptt_steps": 0}}, "train.tbptt_steps", "greater than or equal to 1"),
         (
-            {"model": {"cell": "gru"}, "train": {"tbptt_steps": 28}},
-            "train.tbptt_steps",
-            "'lstm' only",
-        ),
-        (
             {"train": {"tbptt_steps": 28, "readouts": ["output_mean"]}},
             "train.tbptt_steps",
             "use state_h, output_last or state_c",

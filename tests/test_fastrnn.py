@@ -1,12 +1,12 @@
-"""The fast LSTM training path computes the same logits and gradients as the stock Keras model."""
+"""The fast training path computes the same logits and gradients as the stock Keras model."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import fastlstm
-from pipeline.model import build_model
+from pipeline import fastrnn
+from pipeline.model import CELLS, build_model
 from pipeline.params import CELL_READOUTS
 
 
@@ -19,9 +19,9 @@ def logits_and_grads(model: keras.Model, forward, x: np.ndarray) -> list[np.ndar
     return [logits.numpy(), *(g.numpy() for g in grads)]
 
 
-def perturbed_model(steps: int, readout: str) -> keras.Model:
+def perturbed_model(steps: int, readout: str, cell: str = "lstm") -> keras.Model:
     keras.utils.set_random_seed(3)
-    model = build_model(steps, 5, "lstm", readout, input_units=8, units=7)
+    model = build_model(steps, 5, cell, readout, input_units=8, units=7)
     rng = np.random.default_rng(4)  # nonzero biases, so that every bias path is exercised
     model.set_weights(
         [w + rng.normal(0, 0.3, w.shape).astype(w.dtype) for w in model.get_weights()]
@@ -29,17 +29,25 @@ def perturbed_model(steps: int, readout: str) -> keras.Model:
     return model
 
 
-@pytest.mark.parametrize("readout", CELL_READOUTS["lstm"])
+CELL_AND_READOUT = [(c, r) for c, readouts in CELL_READOUTS.items() for r in readouts]
+
+
+@pytest.mark.parametrize(("cell", "readout"), CELL_AND_READOUT)
 @pytest.mark.parametrize(("steps", "unroll_max"), [(6, 64), (6, 3)], ids=["unrolled", "while_loop"])
 @pytest.mark.parametrize("batch", [7, 1])  # uneven halves, and an empty one
 def test_same_logits_and_gradients_as_the_keras_model(
-    readout: str, steps: int, unroll_max: int, batch: int, monkeypatch: pytest.MonkeyPatch
+    cell: str,
+    readout: str,
+    steps: int,
+    unroll_max: int,
+    batch: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(fastlstm, "UNROLL_MAX", unroll_max)
-    model = perturbed_model(steps, readout)
+    monkeypatch.setattr(fastrnn, "UNROLL_MAX", unroll_max)
+    model = perturbed_model(steps, readout, cell)
     x = np.random.default_rng(5).normal(size=(batch, steps, 5)).astype(np.float32)
-    assert fastlstm.supports(model)
-    fast = logits_and_grads(model, tf.function(fastlstm.logits_fn(model, readout)), x)
+    assert fastrnn.supports(model)
+    fast = logits_and_grads(model, tf.function(fastrnn.logits_fn(model, readout)), x)
     stock = logits_and_grads(model, lambda t: model(t, training=True), x)
     names = ["logits", *(v.path for v in model.trainable_variables)]
     for name, a, b in zip(names, fast, stock, strict=True):
@@ -48,58 +56,67 @@ def test_same_logits_and_gradients_as_the_keras_model(
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=name)
 
 
-def test_is_deterministic() -> None:
-    model = perturbed_model(6, "state_h")
+@pytest.mark.parametrize("cell", CELL_READOUTS)
+def test_is_deterministic(cell: str) -> None:
+    model = perturbed_model(6, "state_h", cell)
     x = np.random.default_rng(6).normal(size=(9, 6, 5)).astype(np.float32)
-    forward = tf.function(fastlstm.logits_fn(model, "state_h"))
+    forward = tf.function(fastrnn.logits_fn(model, "state_h"))
     first, second = (logits_and_grads(model, forward, x) for _ in range(2))
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("cell", ["gru", "simple_rnn"])
-def test_other_cells_fall_back_to_the_model_itself(cell: str) -> None:
-    keras.utils.set_random_seed(3)
-    model = build_model(6, 5, cell, "state_h", input_units=8, units=7)
-    assert not fastlstm.supports(model)
-    x = np.random.default_rng(7).normal(size=(3, 6, 5)).astype(np.float32)
-    np.testing.assert_array_equal(fastlstm.logits_fn(model, "state_h")(x), model(x, training=True))
-
-
-def test_a_changed_lstm_setting_falls_back() -> None:
+@pytest.mark.parametrize(
+    ("cell", "setting"),
+    [
+        ("lstm", {"recurrent_activation": "hard_sigmoid"}),
+        ("gru", {"reset_after": False}),
+        ("simple_rnn", {"activation": "relu"}),
+        ("simple_rnn", {"use_bias": False}),
+    ],
+)
+def test_a_changed_cell_setting_falls_back_to_the_model_itself(cell: str, setting: dict) -> None:
     keras.utils.set_random_seed(3)
     inputs = keras.Input((6, 5))
     x = keras.layers.Dense(8, name="input_projection")(inputs)
-    x = keras.layers.LSTM(7, recurrent_activation="hard_sigmoid", name="rnn")(x)
+    x = CELLS[cell](7, name="rnn", **setting)(x)
     model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(x))
-    assert not fastlstm.supports(model)
+    assert not fastrnn.supports(model)
+    x = np.random.default_rng(7).normal(size=(3, 6, 5)).astype(np.float32)
+    np.testing.assert_array_equal(fastrnn.logits_fn(model, "state_h")(x), model(x, training=True))
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 4])
-def test_state_carried_across_chunks_is_the_full_sequence_state(chunk: int) -> None:
-    model = perturbed_model(8, "state_c")
+@pytest.mark.parametrize(
+    ("cell", "readout"), [("lstm", "state_c"), ("gru", "state_h"), ("simple_rnn", "state_h")]
+)
+def test_state_carried_across_chunks_is_the_full_sequence_state(
+    chunk: int, cell: str, readout: str
+) -> None:
+    model = perturbed_model(8, readout, cell)
     x = tf.constant(np.random.default_rng(8).normal(size=(5, 8, 5)).astype(np.float32))
-    run = fastlstm.stateful_fn(model, "state_c")
-    h = c = tf.zeros([5, 7])
+    run = fastrnn.stateful_fn(model, readout)
+    zeros = [tf.zeros([5, 7])] * fastrnn.n_states(model)
+    state = zeros
     for start in range(0, 8, chunk):  # training off: a plain forward pass, chunk by chunk
-        logits, h, c = run(x[:, start : start + chunk], h, c)
-    zeros = tf.zeros([5, 7])
-    full_logits, full_h, full_c = run(x, zeros, zeros)
-    np.testing.assert_allclose(h, full_h, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(c, full_c, rtol=1e-5, atol=1e-6)
+        logits, *state = run(x[:, start : start + chunk], *state)
+    full_logits, *full_state = run(x, *zeros)
+    for a, b in zip(state, full_state, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(logits, full_logits, rtol=1e-5, atol=1e-6)
-    # and the state is Keras's own: the state_c model's logits come from c_T
+    # and the state is Keras's own: the model's logits come from h_T (c_T for state_c)
     np.testing.assert_allclose(logits, model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_tbptt_takes_one_adam_step_per_chunk_and_starts_each_batch_from_zeros() -> None:
+@pytest.mark.parametrize("cell", CELL_READOUTS)
+def test_tbptt_takes_one_adam_step_per_chunk_and_starts_each_batch_from_zeros(cell: str) -> None:
     from pipeline.train import make_train_step
 
     x = np.random.default_rng(9).normal(size=(6, 8, 5)).astype(np.float32)
     y = np.arange(6, dtype=np.int32) % 10
     results = {}
     for k in (3, 8, None):  # chunks of 3, 3, 2 steps; one chunk as long as the sequence; off
-        model = perturbed_model(8, "state_h")
+        model = perturbed_model(8, "state_h", cell)
         optimizer = keras.optimizers.Adam(1e-3)
         step = make_train_step(model, optimizer, "state_h", tbptt_steps=k)
         losses = [float(step(x, y)[0]) for _ in range(2)]

@@ -214,14 +214,15 @@ def _ifoc(w: tf.Tensor) -> tf.Tensor:
 def supports(model: keras.Model) -> bool:
     """Whether logits_fn computes this model: build_model's network with the cell's defaults."""
     rnn = model.get_layer("rnn")
+    if type(rnn) not in (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN):
+        return False
     config = rnn.get_config()
     gates_ok = type(rnn) is keras.layers.SimpleRNN or (
         config["recurrent_activation"] == "sigmoid"
         and (type(rnn) is keras.layers.LSTM or config["reset_after"])
     )
     return (
-        type(rnn) in (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN)
-        and gates_ok
+        gates_ok
         and config["activation"] == "tanh"
         and config["use_bias"]
         and not config["go_backwards"]

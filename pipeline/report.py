@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
@@ -100,6 +101,7 @@ def plot_curves(client: MlflowClient, runs: list[Run], path: Path) -> dict[str, 
             right.plot(epochs + 1, val, marker="o", markersize=3, label=label(run))
     left.set(xlabel="batch", ylabel=f"batch accuracy (mean of {SMOOTH})", title="training")
     right.set(xlabel="epoch", ylabel="val accuracy", title="validation")
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.25
     for ax in (left, right):
         ax.grid(alpha=0.3)
     right.legend(fontsize="x-small", loc="lower right")

@@ -38,13 +38,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
-import keras
-import tensorflow as tf
-
 from pipeline import fastrnn, tracking
-from pipeline import params as P
+from pipeline.checkpoint import TrainState
 from pipeline.model import CELLS, build_model, score
-from pipeline.train import fit, make_train_step
+from pipeline.params import Params
+from pipeline.tf import keras, tf
+from pipeline.train import fit
 
 BATCH, UNITS, CLASSES = 128, 128, 10
 GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
@@ -89,7 +88,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 20) -> float:
 
 def project(x: np.ndarray, y: np.ndarray, cell: str, logging: bool) -> Callable[[], float]:
     """pipeline.train.fit for one epoch over x (steps x batch samples); returns seconds."""
-    params = P.parse({"train": {"epochs": 1, "readouts": ["state_h"]}})
+    params = Params(train={"epochs": 1}, readouts=["state_h"])
     store = tempfile.mkdtemp(prefix="bench-mlflow-")
 
     def run() -> float:
@@ -97,12 +96,11 @@ def project(x: np.ndarray, y: np.ndarray, cell: str, logging: bool) -> Callable[
         model = build_model(x.shape[1], x.shape[2], cell, "state_h", UNITS, UNITS)
         optimizer = keras.optimizers.Adam(1e-3)
         optimizer.build(model.trainable_variables)
-        step = make_train_step(model, optimizer, "state_h")
+        step = fastrnn.make_train_step(model, optimizer, "state_h")
         step(x[:BATCH], y[:BATCH])  # trace outside the timing, as every contender does
         score(model, x[:BATCH], y[:BATCH])  # and the validation pass that ends the epoch
         data = {"x_train": x, "y_train": y, "x_val": x[:BATCH], "y_val": y[:BATCH]}
-        state = {"epoch": 0, "batch": 0, "step": 0, "sums": [0, 0.0, 0.0]}
-        state |= {"batch_rows": [], "epoch_rows": []}
+        state = TrainState(fingerprint="bench")
         if logging:
             import mlflow
 

@@ -1,59 +1,84 @@
 """Training checkpoints: all that a killed run needs to resume exactly where it stopped.
 
 One file per readout, checkpoints/<readout>/checkpoint.npz, replaced atomically (temp + rename):
-the model weights, the optimizer's variables, and a JSON state (epoch, batch, step, running sums,
-logged rows, metric points not yet sent, the MLflow run id, and the fingerprint of the params and
-data it belongs to). No pickle: the state is stored as a unicode string array.
-Also here: SIGINT/SIGTERM turned into a stop request honoured at the next batch boundary.
+the model weights, the optimizer's variables, and the TrainState as JSON (no pickle: it is stored
+as a unicode string array). Also here: SIGINT/SIGTERM turned into a stop request that training
+honours at the next batch boundary.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import keras
-import mlflow
 import numpy as np
 
 from pipeline import params as P
-from pipeline.io import DataError, load_npz, save_npz
+from pipeline.io import load_npz, save_npz
+from pipeline.stage import CHECKPOINTS, DataError
 
-ROOT = Path("checkpoints")  # not a DVC out: DVC deletes outs before it reruns a stage
+if TYPE_CHECKING:
+    import keras
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where training stands. Saved in every checkpoint, so that a killed run resumes exactly."""
+
+    fingerprint: str  # the params and data this state belongs to
+    run_id: str | None = None  # the MLflow run it logs into
+    epoch: int = 0  # epochs finished
+    batch: int = 0  # batches finished in the current epoch
+    step: int = 0  # batches finished in all: the step of batch metrics
+    samples: int = 0  # this epoch so far: samples seen,
+    loss_sum: float = 0.0  # the sum of their losses,
+    hits: float = 0.0  # and how many were classified right
+    batch_rows: list[list[float]] = dataclasses.field(default_factory=list)  # step, acc, loss
+    epoch_rows: list[list[float]] = dataclasses.field(default_factory=list)  # epoch, metrics...
+    seconds: float = 0.0  # training time spent before this process started
+    pending: list[list] = dataclasses.field(default_factory=list)  # points not yet in MLflow
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; a checkpoint was saved at a batch boundary."""
 
 
 def path_for(readout: str) -> Path:
-    return ROOT / readout / "checkpoint.npz"
+    return CHECKPOINTS / readout / "checkpoint.npz"
 
 
 def fingerprint(params: P.Params, readout: str, data_sha256: str) -> str:
-    """What a checkpoint belongs to: the params train reads, the readout and the exact data."""
-    train = params.train.model_dump(exclude={"readouts"})
-    what = {"seed": params.seed, "model": params.model.model_dump(), "train": train}
+    """What a checkpoint belongs to: the train stage's params (dvc.yaml), readout and data."""
+    what = {
+        "seed": params.seed,
+        "model": params.model.model_dump(),
+        "train": params.train.model_dump(),
+    }
     what |= {"readout": readout, "data": data_sha256}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
 def save(
-    path: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer, state: dict
+    path: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer, state: TrainState
 ) -> None:
     arrays = {f"w{i}": np.asarray(w) for i, w in enumerate(model.get_weights())}
     arrays |= {f"o{i}": np.asarray(v) for i, v in enumerate(optimizer.variables)}
-    save_npz(path, state=np.array(json.dumps(state)), **arrays)
+    save_npz(path, state=np.array(json.dumps(dataclasses.asdict(state))), **arrays)
 
 
-def read_state(path: Path) -> dict[str, Any] | None:
-    """The JSON state of a checkpoint, or None if there is none or it cannot be read."""
+def read_state(path: Path) -> TrainState | None:
+    """The state of a checkpoint, or None if there is none or it cannot be read."""
     if not path.exists():
         return None
     try:
-        return json.loads(str(load_npz(path, ("state",))["state"]))
-    except (DataError, json.JSONDecodeError):
+        return TrainState(**json.loads(str(load_npz(path, ("state",))["state"])))
+    except (DataError, json.JSONDecodeError, TypeError):  # TypeError: another version's fields
         return None
 
 
@@ -68,37 +93,26 @@ def restore(path: Path, model: keras.Model, optimizer: keras.optimizers.Optimize
 
 
 def start_or_resume(
-    ckpt_path: Path, fp: str, model: keras.Model, optimizer: keras.optimizers.Optimizer
-) -> dict:
-    """The training state: from a checkpoint of the same params and data, else fresh."""
-    state = read_state(ckpt_path)
-    if state is not None and state["fingerprint"] == fp:
-        restore(ckpt_path, model, optimizer)
-        print(
-            f"resuming run {state['run_id']} at epoch {state['epoch'] + 1}, batch {state['batch']}"
-        )
-        return state
-    if state is not None:  # params or data changed: the old run cannot be finished any more
-        print(f"checkpoint {ckpt_path} is for other params or data: starting clean")
-        with contextlib.suppress(mlflow.exceptions.MlflowException):
-            mlflow.tracking.MlflowClient().set_terminated(state["run_id"], "KILLED")
-    return {
-        "fingerprint": fp,
-        "run_id": None,
-        "epoch": 0,
-        "batch": 0,
-        "step": 0,
-        "sums": [0, 0.0, 0.0],
-        "batch_rows": [],
-        "epoch_rows": [],
-        "seconds": 0.0,
-        "pending": [],
-    }
+    path: Path, fp: str, model: keras.Model, optimizer: keras.optimizers.Optimizer
+) -> tuple[TrainState, str | None]:
+    """(state, stale run id): from a checkpoint of the same params and data, else fresh.
+
+    The stale run id is that of a checkpoint made for other params or data: its run can never be
+    finished now, and the caller marks it KILLED.
+    """
+    state = read_state(path)
+    if state is not None and state.fingerprint == fp:
+        restore(path, model, optimizer)
+        print(f"resuming run {state.run_id} at epoch {state.epoch + 1}, batch {state.batch}")
+        return state, None
+    if state is not None:
+        print(f"checkpoint {path} is for other params or data: starting clean")
+    return TrainState(fingerprint=fp), state.run_id if state else None
 
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[Callable[[], bool]]:
-    """Turn SIGINT/SIGTERM into a request that fit() honours at the next batch boundary."""
+    """Turn SIGINT/SIGTERM into a request that training honours at the next batch boundary."""
     requested: list[int] = []
     previous = {
         sig: signal.signal(sig, lambda signum, _frame: requested.append(signum))

@@ -1,57 +1,48 @@
-"""Stage 5, compare: every readout's eval/, models/ and logs/ -> reports/.
+"""Stage 5, compare: every readout's eval/, models/ and logs/ -> reports/compare/.
 
-Answers the seed's question, does reading the classifier from output[:, -1] differ from reading it
-from state_h? reports/compare.md tabulates test accuracy, test loss and training seconds per
-readout; reports/batch_accuracy.png overlays their batch-accuracy curves; reports/readout_gap.json
-holds max |output[:, -1] - state_h| of a trained recurrent layer over the test set (exactly 0).
-Params: train.readouts.
+Answers the blog post's question, does reading the classifier from output[:, -1] differ from
+reading it from state_h? compare.md tabulates test accuracy, test loss and training seconds per
+readout; batch_accuracy.png overlays their batch-accuracy curves; readout_gap.json holds
+max |output[:, -1] - state_h| of a trained recurrent layer over the test set (exactly 0).
+Params: readouts.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import keras
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt
 import numpy as np
 
 from pipeline import params as P
-from pipeline.io import DataError, atomic_path, load_npz, read_json, run_stage, write_json
-from pipeline.model import readout_gap
-
-PREPARED = Path("data/prepared")
-OUT = Path("reports")
+from pipeline.io import atomic_path, load_npz, read_json, write_json
+from pipeline.model import load_model, readout_gap
+from pipeline.plots import moving_mean, plt, save
+from pipeline.stage import COMPARE, EVAL, LOGS, MODELS, PREPARED, DataError, run_stage
 
 
 def read_curve(readout: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, batch accuracies) as train logged them."""
-    path = Path("logs") / readout / "batches.csv"
+    path = LOGS / readout / "batches.csv"
     if not path.exists():
         raise DataError(f"{path}: not found; run the train stage first (dvc repro)")
     table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
     return table[:, 0].astype(int), table[:, 1]
 
 
-def smooth(y: np.ndarray, window: int) -> np.ndarray:
-    if len(y) < window or window < 2:
-        return y
-    return np.convolve(y, np.ones(window) / window, mode="valid")
+def stale_readouts(readouts: list[str]) -> list[str]:
+    """Readouts with results in eval/ or logs/ that `readouts` no longer names (left from before)."""
+    found = {p.name for folder in (EVAL, LOGS, MODELS) if folder.is_dir() for p in folder.iterdir()}
+    return sorted(found - set(readouts))
 
 
 def main() -> None:
     params = P.load()
-    readouts = params.train.readouts
-    metrics = {r: read_json(Path("eval") / r / "metrics.json") for r in readouts}
-    runs = {r: read_json(Path("models") / r / "run.json") for r in readouts}
+    readouts = params.readouts
+    metrics = {r: read_json(EVAL / r / "metrics.json") for r in readouts}
+    runs = {r: read_json(MODELS / r / "run.json") for r in readouts}
     curves = {r: read_curve(r) for r in readouts}
 
-    # The seed's note, measured: output[:, -1] and state_h of one trained layer on the test set.
+    # The post's note, measured: output[:, -1] and state_h of one trained layer on the test set.
     x_test = load_npz(PREPARED / "sequences.npz", ("x_test",))["x_test"]
-    model = keras.saving.load_model(Path("models") / readouts[0] / "model.keras", safe_mode=True)
-    gap = readout_gap(model, x_test)
+    gap = readout_gap(load_model(MODELS / readouts[0] / "model.keras"), x_test)
 
     base_steps, base_acc = curves[readouts[0]]
     same_curve = {
@@ -78,8 +69,15 @@ def main() -> None:
         f"over {len(x_test):,} test sequences: **{gap}**",
         "",
     ]
+    if stale := stale_readouts(readouts):
+        lines += [
+            f"Not current: {', '.join(stale)} (in eval/, logs/ or models/ from an earlier "
+            "`readouts`; this run did not make them, and `dvc metrics show` may still list "
+            "them: delete those folders to drop them).",
+            "",
+        ]
 
-    with atomic_path(OUT, directory=True) as tmp:
+    with atomic_path(COMPARE, directory=True) as tmp:
         (tmp / "compare.md").write_text("\n".join(lines))
         write_json(
             tmp / "readout_gap.json",
@@ -92,19 +90,15 @@ def main() -> None:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         window = max(1, len(base_acc) // 100)  # a moving mean, so that the curves stay readable
         for i, (r, (steps, acc)) in enumerate(curves.items()):
-            style = ("-", "--", ":", "-.")[
-                i % 4
-            ]  # identical curves stay visible on top of each other
-            ax.plot(steps[window - 1 :], smooth(acc, window), style, label=r, alpha=0.8)
+            style = ("-", "--", ":", "-.")[i % 4]  # identical curves stay visible on each other
+            ax.plot(*moving_mean(steps, acc, window), style, label=r, alpha=0.8)
         ax.set(
             xlabel="batch (global step)",
             ylabel=f"batch accuracy, mean of {window} batches",
             title="Batch accuracy by readout",
         )
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(tmp / "batch_accuracy.png", dpi=100)
-        plt.close(fig)
+        save(fig, tmp / "batch_accuracy.png")
     print("\n".join(lines))
 
 

@@ -10,35 +10,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import keras
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 
 from pipeline import params as P
 from pipeline import tracking
-from pipeline.io import (
-    DataError,
-    atomic_path,
-    load_npz,
-    read_json,
-    run_stage,
-    write_csv,
-    write_json,
-)
-from pipeline.model import score
-
-PREPARED = Path("data/prepared")
-MODELS = Path("models")
-OUT = Path("eval")
+from pipeline.io import load_npz, read_json, write_csv, write_json
+from pipeline.model import load_model, score
+from pipeline.plots import plt, save
+from pipeline.stage import EVAL, MODELS, PREPARED, run_stage
 
 
 def confusion_matrix(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     """10x10 counts: row = true class, column = predicted class."""
     return np.bincount(actual * 10 + predicted, minlength=100).reshape(10, 10)
+
+
+def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
+    """The share of each true class predicted right; 0 for a class absent from the test set."""
+    return matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
 
 
 def plot_confusion(matrix: np.ndarray, title: str, path: Path) -> None:
@@ -48,10 +38,7 @@ def plot_confusion(matrix: np.ndarray, title: str, path: Path) -> None:
         color = "white" if count > matrix.max() / 2 else "black"
         ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color=color)
     ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="actual", title=title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def evaluate(readout: str) -> None:
@@ -59,16 +46,13 @@ def evaluate(readout: str) -> None:
     data = load_npz(PREPARED / "sequences.npz", ("x_test", "y_test"))
     run = read_json(MODELS / readout / "run.json")
     tracking.configure()
-    try:
-        model = keras.saving.load_model(MODELS / readout / "model.keras", safe_mode=True)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{MODELS / readout / 'model.keras'}: cannot be loaded ({exc})") from None
+    model = load_model(MODELS / readout / "model.keras")
 
     y = data["y_test"]
     loss, accuracy, predicted = score(model, data["x_test"], y)
     matrix = confusion_matrix(y, predicted)
-    per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
-    out = OUT / readout
+    per_class = per_class_accuracy(matrix)
+    out = EVAL / readout
     write_json(out / "metrics.json", {"test_accuracy": accuracy, "test_loss": loss})
     write_csv(out / "per_class.csv", ["class", "accuracy"], enumerate(per_class.tolist()))
     write_csv(

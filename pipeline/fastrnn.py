@@ -1,9 +1,9 @@
 """The training path: the same function as model(x), computed faster on a CPU, for all three cells.
 
-train.py uses logits_fn(model, readout) in place of model(x) while training; the model itself stays
-the stock Keras one of model.py, so what is saved and served needs nothing from here. With the
-same weights the logits and the gradients agree with model(x) to float32 rounding
-(tests/test_fastrnn.py). Why it is faster than Keras's LSTM, GRU and SimpleRNN layers
+make_train_step() (one Adam step on a batch, optionally in TBPTT chunks) uses logits_fn(model,
+readout) in place of model(x); the model itself stays the stock Keras one of model.py, so what is
+saved and served needs nothing from here. With the same weights the logits and the gradients
+agree with model(x) to float32 rounding (tests/test_fastrnn.py). Why it is faster than Keras's LSTM, GRU and SimpleRNN layers
 (benchmarks/RESULTS.md):
 - The input projection and the cell's input kernel are both linear: x·Wp·K + (bp·K + b) is one
   matmul with the small product Wp·K, for all steps at once, before the recurrence.
@@ -19,8 +19,9 @@ import contextlib
 import os
 from collections.abc import Callable, Sequence
 
-import keras
-import tensorflow as tf
+import numpy as np
+
+from pipeline.tf import keras, tf
 
 UNROLL_MAX = 64  # longer sequences run in a tf.while_loop instead of an unrolled graph
 
@@ -312,3 +313,50 @@ def configure_threads() -> None:
     # Once TensorFlow runs (e.g. in a test process) it refuses the change: keep its setting.
     with contextlib.suppress(RuntimeError):
         tf.config.threading.set_intra_op_parallelism_threads(max(1, cores // 2))
+
+
+def make_train_step(
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    readout: str,
+    tbptt_steps: int | None = None,
+) -> Callable[[np.ndarray, np.ndarray], tuple[tf.Tensor, tf.Tensor]]:
+    """One compiled Adam step on a batch; returns (loss, accuracy) of that batch.
+
+    With tbptt_steps k shorter than the sequence: one Adam step per chunk of k steps, each chunk
+    starting from the state the previous chunk of the same images ended in (no gradient through
+    it), zeros for a new batch; loss and accuracy are those of the last chunk, the whole image.
+    """
+    _, steps, features = model.input.shape
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    spec = (tf.TensorSpec([None, steps, features], tf.float32), tf.TensorSpec([None], tf.int32))
+    forward = logits_fn(model, readout)  # model(x), computed faster
+    k = tbptt_steps or steps
+    chunks = [(i, min(i + k, steps)) for i in range(0, steps, k)]
+    if len(chunks) > 1:
+        stateful = stateful_fn(model, readout)
+
+    def update(x: tf.Tensor, y: tf.Tensor, state: tuple) -> tuple[tf.Tensor, ...]:
+        with tf.GradientTape() as tape:
+            if state:
+                logits, *state = stateful(x, *state)
+            else:
+                logits = forward(x)
+            loss = loss_fn(y, logits)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return logits, loss, tuple(tf.stop_gradient(s) for s in state)
+
+    @tf.function(input_signature=spec)
+    def train_step(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        state: tuple = ()
+        if len(chunks) > 1:
+            zeros = tf.zeros([tf.shape(x)[0], model.get_layer("rnn").units])
+            state = (zeros,) * n_states(model)  # (h, c) for an LSTM, (h,) otherwise
+        for start, stop in chunks:
+            logits, loss, state = update(x[:, start:stop], y, state)
+        # The accuracy of this batch alone, from the forward pass that made the gradient.
+        hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
+        return loss, tf.reduce_mean(tf.cast(hits, tf.float32))
+
+    return train_step

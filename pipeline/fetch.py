@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from pipeline import params as P
 from pipeline.datasets import bundled, read_idx_folder, read_npz, read_path
-from pipeline.io import DataError, atomic_path, run_stage, save_npz, sha256_of, write_json
+from pipeline.io import atomic_path, save_npz, sha256_of, write_json
+from pipeline.stage import RAW, DataError, run_stage
 
-OUT = Path("data/raw")
 KERAS_BASE = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
 MNIST_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
 FASHION_SHA256 = {  # the original Zalando files (Keras's mirror and Debian ship the same)
@@ -156,10 +156,10 @@ def main() -> None:
     params = P.load()
     arrays, info = fetch(params.data)
     info |= {"n_train": len(arrays["y_train"]), "n_test": len(arrays["y_test"])}
-    with atomic_path(OUT, directory=True) as tmp:
+    with atomic_path(RAW, directory=True) as tmp:
         save_npz(tmp / "dataset.npz", **arrays)
         write_json(tmp / "source.json", info)
-    print(f"fetch: {info['source']} {data_name(info)} -> {OUT}/")
+    print(f"fetch: {info['source']} {data_name(info)} -> {RAW}/")
 
 
 def data_name(info: dict[str, object]) -> str:

@@ -1,4 +1,4 @@
-"""Small shared pieces: atomic outputs, pickle-free arrays, JSON, and the stage entry point."""
+"""Reading and writing files: atomic outputs, pickle-free arrays, JSON and CSV."""
 
 from __future__ import annotations
 
@@ -8,28 +8,19 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.params import ParamsError
+from pipeline.stage import DataError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-
-class DataError(ValueError):
-    """Input data is missing, corrupt or not what the stage expects."""
-
-
-class ConfigError(RuntimeError):
-    """The environment is not usable: e.g. no MLflow server answers at MLFLOW_TRACKING_URI."""
 
 
 @contextlib.contextmanager
@@ -111,12 +102,3 @@ def sha256_of(path: Path | str) -> str:
 def save_npz(path: Path | str, **arrays: np.ndarray) -> None:
     with atomic_path(path) as tmp, tmp.open("wb") as f:
         np.savez(f, **arrays)
-
-
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(); turn expected failures into one clear line and exit code 2."""
-    try:
-        main()
-    except (ParamsError, DataError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)

@@ -1,12 +1,16 @@
-"""The seed's network in Keras 3: per-step Dense -> recurrent layer -> readout -> Dense(10) logits.
+"""The blog post's network in Keras 3: per-step Dense -> recurrent layer -> readout -> Dense(10) logits.
 
 Only built-in layers, so the saved .keras model loads in safe mode and through mlflow.pyfunc.
 """
 
 from __future__ import annotations
 
-import keras
+from pathlib import Path
+
 import numpy as np
+
+from pipeline.stage import DataError
+from pipeline.tf import keras
 
 CELLS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "simple_rnn": keras.layers.SimpleRNN}
 
@@ -21,7 +25,7 @@ def build_model(
     unit_forget_bias: bool = True,
 ) -> keras.Model:
     inputs = keras.Input((steps, features), name="sequence")
-    # The seed's tf.layers.dense(x, n_cell): linear, applied to every step alike.
+    # The post's tf.layers.dense(x, n_cell): linear, applied to every step alike.
     x = keras.layers.Dense(input_units, name="input_projection")(inputs)
     options = {"unit_forget_bias": unit_forget_bias} if cell == "lstm" else {}
     rnn = CELLS[cell](
@@ -49,8 +53,7 @@ def build_model(
 def score(model: keras.Model, x: np.ndarray, y: np.ndarray) -> tuple[float, float, np.ndarray]:
     """Mean cross-entropy, accuracy and predicted classes of the model on (x, y)."""
     logits = model.predict(x, batch_size=1024, verbose=0).astype(np.float64)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    log_probs = keras.ops.convert_to_numpy(keras.ops.log_softmax(logits, axis=1))  # in float64
     loss = float(-log_probs[np.arange(len(y)), y].mean())
     predicted = logits.argmax(axis=1)
     return loss, float((predicted == y).mean()), predicted
@@ -75,3 +78,11 @@ def readout_gap(model: keras.Model, x: np.ndarray, batch_size: int = 1000) -> fl
         sequence, h, *_ = probe(projected)
         gap = max(gap, float(keras.ops.max(keras.ops.abs(sequence[:, -1] - h))))
     return gap
+
+
+def load_model(path: Path) -> keras.Model:
+    """A saved .keras model, in safe mode (no code from the file runs)."""
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot be loaded ({exc})") from None

@@ -1,17 +1,26 @@
 """params.yaml: the typed schema every stage validates before it does any work.
 
-An unknown key, a wrong type or an out-of-range value stops the stage with one message that names
-the key and what is allowed (ParamsError), so a typo never costs a download or a training run.
+An unknown key, a missing key, a wrong type or an out-of-range value stops the stage with one
+message that names the key and what is allowed (ParamsError), so a typo never costs a download or a
+training run. The file is read with the YAML parser DVC uses (ruamel.yaml, YAML 1.2), so that the
+stages and DVC see the same values (`1e-3` is a number to both). Every key must be in the file:
+DVC reruns stages by what params.yaml says, so no value may come from a default in code.
+
+Check the file alone, naming every problem at once: python -m pipeline.params
 """
 
 from __future__ import annotations
 
+import difflib
 import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from pipeline.stage import ParamsError, run_stage
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -27,10 +36,6 @@ CELL_READOUTS: dict[str, tuple[str, ...]] = {
     "gru": ("state_h", "output_last", "output_mean"),
     "simple_rnn": ("state_h", "output_last", "output_mean"),
 }
-
-
-class ParamsError(ValueError):
-    """params.yaml is missing, malformed or out of range; the message says what and where."""
 
 
 class _Section(BaseModel):
@@ -74,9 +79,6 @@ class ModelParams(_Section):
 
 
 class TrainParams(_Section):
-    readouts: list[Readout] = Field(
-        default_factory=lambda: ["state_h", "output_last"], min_length=1
-    )
     lr: float = Field(0.001, gt=0, le=1)
     batch_size: int = Field(128, ge=1, le=65536)
     epochs: int = Field(20, ge=1, le=10000)
@@ -85,12 +87,6 @@ class TrainParams(_Section):
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to 0 at the end
     tbptt_steps: int | None = Field(None, ge=1)  # stateful training in chunks of this many steps
 
-    @model_validator(mode="after")
-    def _unique(self) -> TrainParams:
-        if len(set(self.readouts)) != len(self.readouts):
-            raise ValueError("train.readouts lists a readout twice")
-        return self
-
 
 class Params(_Section):
     seed: int = Field(42, ge=0, le=2**31 - 1)
@@ -98,12 +94,19 @@ class Params(_Section):
     sequence: SequenceParams = SequenceParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
+    # One train + evaluate stage per readout. Top level, not under train: the train stage depends
+    # on the whole `train` section, and adding a readout must not retrain the others.
+    readouts: list[Readout] = Field(
+        default_factory=lambda: ["state_h", "output_last"], min_length=1
+    )
 
     @model_validator(mode="after")
     def _readouts_fit_cell(self) -> Params:
-        for readout in self.train.readouts:
-            self.check_readout(readout, key="train.readouts")
-        if self.train.tbptt_steps is not None and "output_mean" in self.train.readouts:
+        if len(set(self.readouts)) != len(self.readouts):
+            raise ValueError("readouts lists a readout twice")
+        for readout in self.readouts:
+            self.check_readout(readout, key="readouts")
+        if self.train.tbptt_steps is not None and "output_mean" in self.readouts:
             raise ValueError(
                 "train.tbptt_steps: not with the readout 'output_mean' (a chunk sees only its "
                 "own steps); use state_h, output_last or state_c"
@@ -135,10 +138,15 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in error["loc"]) or "params.yaml"
-    kind, msg = error["type"], error["msg"]
+    loc = tuple(str(p) for p in error["loc"])
+    key, kind, msg = ".".join(loc) or "params.yaml", error["type"], error["msg"]
     if kind == "extra_forbidden":
-        return f"{key}: unknown key (check the spelling; see the params reference in README.md)"
+        section: type[BaseModel] = Params
+        for part in loc[:-1]:
+            section = section.model_fields[part].annotation  # type: ignore[assignment]
+        close = difflib.get_close_matches(loc[-1], list(section.model_fields), n=1)
+        hint = f"did you mean {'.'.join((*loc[:-1], close[0]))}?" if close else "see docs/params.md"
+        return f"{key}: unknown key ({hint})"
     if kind == "literal_error":
         return f"{key}: {error['input']!r} is not allowed; {msg[0].lower()}{msg[1:]}"
     if kind == "value_error":
@@ -146,16 +154,38 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{key}: {msg} (got {error.get('input')!r})"
 
 
+def missing_keys(raw: dict[str, Any], section: type[BaseModel] = Params) -> list[str]:
+    """The dotted keys of the schema that `raw` lacks (a whole missing section counts once)."""
+    missing = []
+    for name, field in section.model_fields.items():
+        value, sub = raw.get(name), field.annotation
+        if name not in raw:
+            missing.append(name)
+        elif isinstance(sub, type) and issubclass(sub, BaseModel) and isinstance(value, dict):
+            missing += [f"{name}.{key}" for key in missing_keys(value, sub)]
+    return missing
+
+
 def parse(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a parsed params.yaml: every key present, none unknown, every value allowed."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    problems = []
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(_describe(e) for e in exc.errors())
-        raise ParamsError(f"{source}: {problems}") from None
+        problems = [_describe(e) for e in exc.errors()]
+    defaults = Params().model_dump()
+    for key in missing_keys(raw):
+        default = defaults
+        for part in key.split("."):
+            default = default[part]
+        problems.append(f"{key}: missing (the documented default is {default!r})")
+    if problems:
+        raise ParamsError(f"{source}: {'; '.join(problems)}")
+    return params
 
 
 def load(path: Path = PARAMS_FILE) -> Params:
@@ -165,7 +195,18 @@ def load(path: Path = PARAMS_FILE) -> Params:
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found (run from the repository root)") from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        raw = YAML(typ="safe").load(text)  # exactly how DVC reads params.yaml
+    except YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     return parse(raw, str(path))
+
+
+def main() -> None:
+    params = load()
+    print(
+        f"{PARAMS_FILE}: valid, {len(params.flat())} params; readouts {', '.join(params.readouts)}"
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)

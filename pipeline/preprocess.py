@@ -1,22 +1,19 @@
 """Stage 2, preprocess: data/raw/ -> data/prepared/ (sequences.npz + meta.json).
 
-Each image becomes a sequence [T, F] of float32 in [0, 1]: `rows` (the seed: 28 steps of 28
-pixels), `columns`, `pixels` (784 steps of 1) or `permuted_pixels` (784 steps in one fixed order
+Each image becomes a sequence [T, F] of float32 in [0, 1]: `rows` (the blog post: 28 steps of
+28 pixels), `columns`, `pixels` (784 steps of 1) or `permuted_pixels` (784 steps in one fixed order
 drawn from `seed`). A stratified validation split comes out of train; test is left untouched.
 Params: seed, data.val_size, sequence.order.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from pipeline import params as P
-from pipeline.io import atomic_path, load_npz, read_json, run_stage, save_npz, sha256_of, write_json
+from pipeline.io import atomic_path, load_npz, read_json, save_npz, sha256_of, write_json
+from pipeline.stage import PREPARED, RAW, run_stage
 
-RAW = Path("data/raw")
-OUT = Path("data/prepared")
 SPLITS = ("train", "val", "test")
 
 
@@ -68,7 +65,7 @@ def main() -> None:
         arrays[f"x_{split}"] = to_sequences(images[split], order, seed)
         arrays[f"y_{split}"] = labels[split].astype(np.int32)
 
-    with atomic_path(OUT, directory=True) as tmp:
+    with atomic_path(PREPARED, directory=True) as tmp:
         save_npz(tmp / "sequences.npz", **arrays)
         digest = sha256_of(tmp / "sequences.npz")
         _, steps, features = arrays["x_train"].shape
@@ -82,7 +79,7 @@ def main() -> None:
         }
         write_json(tmp / "meta.json", meta)
     counts = ", ".join(f"{n:,} {s}" for s, n in meta["counts"].items())
-    print(f"preprocess: {order} -> [N, {steps}, {features}]; {counts} -> {OUT}/")
+    print(f"preprocess: {order} -> [N, {steps}, {features}]; {counts} -> {PREPARED}/")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Compare many runs from the MLflow store: python -m pipeline.report [--runs ID ...] [--out DIR].
 
 Reads every FINISHED run of the experiment (or the runs named) with full metric histories, not the
-UI's sampled charts, and writes to reports/experiments/:
+UI's sampled charts, and writes to reports/experiments/ (no stage writes or deletes it):
   report.md           one row per run: the params that differ between runs, test accuracy, best
                       val accuracy, training seconds, samples/s, peak RSS, a hash of all params
   curves.png          batch accuracy (smoothed) and val accuracy per epoch, one line per run
@@ -17,19 +17,16 @@ import json
 import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
-from pipeline.io import ConfigError, atomic_path, run_stage
+from pipeline.io import atomic_path
+from pipeline.plots import moving_mean, plt, save
+from pipeline.stage import EXPERIMENTS, ConfigError, run_stage
 
-OUT = Path("reports/experiments")
 SMOOTH = 25  # batches in the moving average of the batch-accuracy curves
 
 
@@ -90,10 +87,7 @@ def plot_curves(client: MlflowClient, runs: list[Run], path: Path) -> dict[str, 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     best_val = {}
     for run in runs:
-        steps, acc = history(client, run, "batch_accuracy")
-        if len(acc) >= SMOOTH:
-            acc = np.convolve(acc, np.ones(SMOOTH) / SMOOTH, mode="valid")
-            steps = steps[SMOOTH - 1 :]
+        steps, acc = moving_mean(*history(client, run, "batch_accuracy"), SMOOTH)
         left.plot(steps, acc, linewidth=1, label=label(run))
         epochs, val = history(client, run, "val_accuracy")
         if len(val):
@@ -105,9 +99,7 @@ def plot_curves(client: MlflowClient, runs: list[Run], path: Path) -> dict[str, 
     for ax in (left, right):
         ax.grid(alpha=0.3)
     right.legend(fontsize="x-small", loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
     return best_val
 
 
@@ -132,16 +124,14 @@ def plot_cell_by_order(runs: list[Run], path: Path) -> None:
     ax.set_xticks([j + width * (len(cells) - 1) / 2 for j in range(len(orders))], orders)
     ax.set(ylim=(0, 1.05), ylabel="best test accuracy", title="model.cell x sequence.order")
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="*", default=[], help="run ids (default: all finished)")
     parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME"))
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, default=EXPERIMENTS)
     args = parser.parse_args()
     client = MlflowClient(tracking.tracking_uri())
     runs = find_runs(client, args.experiment or tracking.EXPERIMENT, args.runs)

@@ -10,18 +10,28 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
+import sqlite3
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 from filelock import FileLock
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+from sqlalchemy.engine import make_url
 
-from pipeline.io import ConfigError
+from pipeline.stage import ConfigError
+
+if TYPE_CHECKING:
+    import keras
+    import numpy as np
 
 EXPERIMENT = "rnn-mnist-sequences"
 MAX_METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
@@ -56,6 +66,8 @@ def configure() -> str:
     # Parallel stages (`dvc queue start -j 2`) would race MLflow's creation of a new SQLite store
     # (its schema migrations) and of the experiment: a file lock serialises that first contact.
     with FileLock(root / ".mlflow.db.lock") if local else contextlib.nullcontext():
+        if local and (database := make_url(uri).database):
+            check_store(Path(database))  # inside the lock: never sees a store half created
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
             # Fix the artifact folder to the root now: MLflow would otherwise pick ./mlruns
@@ -69,8 +81,9 @@ def configure() -> str:
     return experiment.experiment_id
 
 
-def check_server(uri: str, seconds: float = SERVER_TIMEOUT) -> None:
+def check_server(uri: str) -> None:
     """Fail in seconds, before any training, if no tracking server answers at `uri`."""
+    seconds = SERVER_TIMEOUT
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=seconds).close()
     except urllib.error.HTTPError:
@@ -82,6 +95,55 @@ def check_server(uri: str, seconds: float = SERVER_TIMEOUT) -> None:
             f"({reason}). Start one (mlflow server --host 127.0.0.1 --port 5000), fix the URI, "
             "or unset MLFLOW_TRACKING_URI to use the embedded store mlflow.db"
         ) from None
+
+
+def check_store(path: Path) -> None:
+    """Refuse, in one line, an SQLite store that MLflow cannot use as it is, leaving it untouched.
+
+    MLflow meets a truncated or foreign file, or another MLflow's schema, with a long SQLAlchemy
+    traceback, and fills an SQLite file lacking its tables with them (an unrelated database, or an
+    old store it migrates in place). So the file is read here first, read-only. Missing or empty is
+    fine: MLflow creates the store.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    fix = "move it away (MLflow then starts a new store) or restore a backup copy"
+    revisions: list[str] = []
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        ) as db:
+            check = " ".join(db.execute("PRAGMA quick_check(1)").fetchone()[0].split())
+            tables = {t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "alembic_version" in tables:
+                revisions = [r for (r,) in db.execute("SELECT version_num FROM alembic_version")]
+    except sqlite3.DatabaseError as exc:
+        code = getattr(exc, "sqlite_errorname", None) or ""
+        if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_READONLY")):
+            return  # in use, or a crashed writer's journal that only MLflow's rw connection rolls back
+        raise ConfigError(f"{path} is not a readable SQLite database ({exc}): {fix}") from None
+    if check != "ok":
+        raise ConfigError(f"{path} is corrupt (PRAGMA quick_check: {check}): {fix}")
+    if not tables - {"alembic_version"}:
+        return  # no tables yet: MLflow creates them, as in a new file
+    if not revisions:  # no alembic_version (or an empty one) beside other tables
+        raise ConfigError(f"{path} is an SQLite database but not an MLflow store: {fix}")
+    from alembic.script import ScriptDirectory  # lazily, as MLflow does: ~0.3 s of imports
+    from mlflow.store.db.utils import _get_alembic_config
+
+    script = ScriptDirectory.from_config(_get_alembic_config(""))  # MLflow's own migrations
+    head, found = script.get_current_head(), ", ".join(revisions)
+    if revisions == [head]:
+        return
+    if set(revisions) <= {s.revision for s in script.walk_revisions()}:
+        raise ConfigError(
+            f"{path} has an older MLflow schema ({found}; MLflow {mlflow.__version__} needs "
+            f"{head}): back it up, then run `mlflow db upgrade sqlite:///{path.resolve()}`"
+        )
+    raise ConfigError(
+        f"{path} has MLflow schema {found}, unknown to MLflow {mlflow.__version__} (head {head}): "
+        f"upgrade MLflow to the version that wrote it, or {fix}"
+    )
 
 
 def git_commit() -> str:
@@ -149,3 +211,81 @@ class MetricBuffer:
             self.client.log_batch(self.run_id, metrics=chunk)
         self.pending.clear()
         self.seconds += time.perf_counter() - start
+
+
+class _KerasWithExample:
+    """mlflow.keras.save_model, into a folder created first.
+
+    Works around mlflow#16183: log_model(input_example=...) writes the example before the model
+    folder exists and fails with FileNotFoundError (MLflow 3.17-3.18).
+    """
+
+    __name__ = "mlflow.keras"
+
+    @staticmethod
+    def save_model(path: str, **kwargs: object) -> None:
+        os.makedirs(path, exist_ok=True)
+        mlflow.keras.save_model(path=path, **kwargs)
+
+
+@contextlib.contextmanager
+def run(
+    experiment_id: str, run_id: str | None, name: str, params: dict, tags: dict[str, str]
+) -> Iterator[str]:
+    """Start a run (or resume run_id) with its params and tags; yield its id.
+
+    It ends FINISHED when the block completes, KILLED on Ctrl-C or SIGTERM (KeyboardInterrupt),
+    FAILED on any other exception. (mlflow.start_run's own context manager knows no KILLED.)
+    """
+    active = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=name)
+    try:
+        mlflow.log_params({k: str(v) for k, v in params.items()})
+        mlflow.set_tags(tags)
+        yield active.info.run_id
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def mark_killed(run_id: str | None) -> None:
+    """End a run that can never be finished (its checkpoint is for other params or data)."""
+    if run_id is not None:
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            MlflowClient().set_terminated(run_id, "KILLED")
+
+
+def log_cost(seconds: float, samples: int, logging_seconds: float) -> None:
+    """What training cost: time, throughput, time spent sending metrics, peak memory."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    mlflow.log_metrics(
+        {
+            "train_seconds": seconds,
+            "samples_per_second": samples / seconds,
+            "logging_seconds": logging_seconds,  # within train_seconds
+            "peak_rss_mib": peak / (1024 * 1024 if sys.platform == "darwin" else 1024),
+        }
+    )
+
+
+def log_model(model: keras.Model, example: np.ndarray) -> str:
+    """Log the Keras model to the active run with its signature and an input example; its URI."""
+    from mlflow.models import Model, infer_signature
+
+    from pipeline.tf import keras, tf
+
+    info = Model.log(
+        artifact_path=None,
+        name="model",
+        flavor=_KerasWithExample,
+        flavor_name="keras",
+        model=model,
+        signature=infer_signature(example, model.predict(example, verbose=0)),
+        input_example=example,
+        # Given, not inferred: inference re-imports the model in a subprocess (~10 s).
+        pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+    )
+    return info.model_uri

@@ -11,15 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from helpers import make_params
 
 from pipeline import params as P
-
-IDX_NAMES = (
-    "train-images-idx3-ubyte.gz",
-    "train-labels-idx1-ubyte.gz",
-    "t10k-images-idx3-ubyte.gz",
-    "t10k-labels-idx1-ubyte.gz",
-)
+from pipeline.datasets import IDX_FILES
 
 
 def tiny_arrays(n_train: int = 6, n_test: int = 4) -> dict[str, np.ndarray]:
@@ -64,7 +59,7 @@ def idx_files(arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
     """The four gzipped IDX files of a data set, by their canonical names."""
     keys = ("x_train", "y_train", "x_test", "y_test")
     return {
-        name: gzip.compress(idx_bytes(arrays[k])) for name, k in zip(IDX_NAMES, keys, strict=True)
+        name: gzip.compress(idx_bytes(arrays[k])) for name, k in zip(IDX_FILES, keys, strict=True)
     }
 
 
@@ -87,7 +82,7 @@ def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None
 
 
 def data_params(**data: Any) -> P.DataParams:
-    return P.parse({"data": data}).data
+    return make_params({"data": data}).data
 
 
 class Canary:

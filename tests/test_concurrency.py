@@ -7,7 +7,6 @@ while two `mlflow ui` processes read the same store over their REST API the whol
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -16,18 +15,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import clean_env, copy_project, dvc, free_port
 from mlflow.tracking import MlflowClient
-from project import clean_env, copy_project, sh
+
+from pipeline import tracking
 
 pytestmark = pytest.mark.slow
 LRS = ("0.001", "0.002", "0.003", "0.004")
-PARAMS = {"data": {"source": "bundled"}, "train": {"epochs": 1, "readouts": ["state_h"]}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+PARAMS = {"data": {"source": "bundled"}, "train": {"epochs": 1}, "readouts": ["state_h"]}
 
 
 def start_ui(repo: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -82,22 +77,12 @@ def test_queued_experiments_in_parallel_lose_no_run_and_no_point(tmp_path: Path)
         for thread in pollers:
             thread.start()
         for lr in LRS:
-            sh(
-                sys.executable,
-                "-m",
-                "dvc",
-                "exp",
-                "run",
-                "--queue",
-                "-S",
-                f"train.lr={lr}",
-                cwd=repo,
-            )
-        sh(sys.executable, "-m", "dvc", "queue", "start", "-j", "2", cwd=repo)
+            dvc("exp", "run", "--queue", "-S", f"train.lr={lr}", cwd=repo)
+        dvc("queue", "start", "-j", "2", cwd=repo)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             time.sleep(3)
-            status = sh(sys.executable, "-m", "dvc", "queue", "status", cwd=repo).stdout
+            status = dvc("queue", "status", cwd=repo).stdout
             if "Queued" not in status and "Running" not in status:
                 break
     finally:
@@ -112,7 +97,7 @@ def test_queued_experiments_in_parallel_lose_no_run_and_no_point(tmp_path: Path)
         assert len(reads) > 20 and set(reads) == {200}, reads
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("rnn-mnist-sequences")
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.data.params["train.lr"] for r in runs) == list(LRS)
     for run in runs:

@@ -19,7 +19,7 @@ from datafiles import (
 )
 
 from pipeline import datasets as D
-from pipeline.io import DataError
+from pipeline.stage import DataError
 
 # ---- 1. read_npz -------------------------------------------------------------------------------
 

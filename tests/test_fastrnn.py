@@ -110,15 +110,13 @@ def test_state_carried_across_chunks_is_the_full_sequence_state(
 
 @pytest.mark.parametrize("cell", CELL_READOUTS)
 def test_tbptt_takes_one_adam_step_per_chunk_and_starts_each_batch_from_zeros(cell: str) -> None:
-    from pipeline.train import make_train_step
-
     x = np.random.default_rng(9).normal(size=(6, 8, 5)).astype(np.float32)
     y = np.arange(6, dtype=np.int32) % 10
     results = {}
     for k in (3, 8, None):  # chunks of 3, 3, 2 steps; one chunk as long as the sequence; off
         model = perturbed_model(8, "state_h", cell)
         optimizer = keras.optimizers.Adam(1e-3)
-        step = make_train_step(model, optimizer, "state_h", tbptt_steps=k)
+        step = fastrnn.make_train_step(model, optimizer, "state_h", tbptt_steps=k)
         losses = [float(step(x, y)[0]) for _ in range(2)]
         results[k] = (int(optimizer.iterations), losses, model.get_weights())
     assert results[3][0] == 6  # 2 batches x 3 chunks

@@ -6,13 +6,10 @@ controls, and every data file is a few tiny images written into tmp_path.
 
 from __future__ import annotations
 
-import http.client
 import http.server
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,12 +28,12 @@ from datafiles import (
     write_idx_folder,
     write_npz,
 )
+from helpers import ROOT, free_port, run_stage, write_params
 
 from pipeline import datasets as D
 from pipeline import fetch as F
-from pipeline.io import DataError
+from pipeline.stage import DataError
 
-REPO = Path(__file__).resolve().parents[1]
 BAD_SHA = "0" * 64
 
 
@@ -109,10 +106,7 @@ def server() -> Iterator[LocalServer]:
 @pytest.fixture
 def dead_url() -> str:
     """An http://127.0.0.1 URL on a port where nothing listens."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
+    return f"http://127.0.0.1:{free_port()}/"
 
 
 @pytest.fixture
@@ -388,21 +382,9 @@ def test_fetch_auto_fashion_offline_without_debian_folder(
 # ---- 7. the stage as a subprocess --------------------------------------------------------------
 
 
-def run_stage(cwd: Path, params_yaml: str) -> subprocess.CompletedProcess[str]:
-    (cwd / "params.yaml").write_text(params_yaml)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.fetch"],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def test_stage_main_bundled(tmp_path: Path, bundled_data: dict[str, np.ndarray]) -> None:
-    proc = run_stage(tmp_path, "data: {source: bundled}\n")
+    write_params(tmp_path, {"data": {"source": "bundled"}})
+    proc = run_stage("fetch", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "fetch: bundled mnist (4,000 train / 1,000 test) -> data/raw/" in proc.stdout
     raw = tmp_path / "data" / "raw"
@@ -420,7 +402,9 @@ def test_stage_main_bundled(tmp_path: Path, bundled_data: dict[str, np.ndarray])
 
 
 def test_stage_main_typo_in_params(tmp_path: Path) -> None:
-    proc = run_stage(tmp_path, "data: {sourse: bundled}\n")
+    text = (ROOT / "params.yaml").read_text().replace("source: auto", "sourse: bundled")
+    (tmp_path / "params.yaml").write_text(text)
+    proc = run_stage("fetch", tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

@@ -32,18 +32,40 @@ def test_every_readout_gives_ten_logits_and_survives_a_safe_reload(
     np.testing.assert_array_equal(again.predict(x, verbose=0), logits)
 
 
-def test_readouts_read_the_layer_they_name(x: np.ndarray) -> None:
-    keras.utils.set_random_seed(1)
-    model = build_model(9, 5, "lstm", "output_mean", input_units=8, units=7)
+def probe_states(model: keras.Model, x: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(sequence, h, c) of the model's trained LSTM layer, recomputed by a fresh LSTM."""
     rnn = model.get_layer("rnn")
-    probe = keras.layers.LSTM(7, return_sequences=True, return_state=True)
+    probe = keras.layers.LSTM(rnn.units, return_sequences=True, return_state=True)
     projected = model.get_layer("input_projection")(x)
     probe.build(projected.shape)
     probe.set_weights(rnn.get_weights())
-    sequence, h, c = (np.asarray(t) for t in probe(projected))
-    features = keras.Model(model.input, model.get_layer("output_mean").output).predict(x, verbose=0)
-    np.testing.assert_allclose(features, sequence.mean(axis=1), rtol=1e-6, atol=1e-6)
-    assert not np.allclose(h, c)  # state_c is really a different vector from state_h
+    return tuple(np.asarray(t) for t in probe(projected))
+
+
+def features(model: keras.Model, x: np.ndarray) -> np.ndarray:
+    """What the readout hands to the classifier: the input of the `logits` layer."""
+    return keras.Model(model.input, model.get_layer("logits").input).predict(x, verbose=0)
+
+
+@pytest.mark.parametrize(
+    ("readout", "expected"),
+    [
+        ("state_h", lambda seq, h, c: h),
+        ("state_c", lambda seq, h, c: c),
+        ("output_last", lambda seq, h, c: seq[:, -1]),
+        ("output_mean", lambda seq, h, c: seq.mean(axis=1)),
+    ],
+)
+def test_a_trained_model_reads_out_the_vector_its_readout_names(
+    readout: str, expected, x: np.ndarray
+) -> None:
+    keras.utils.set_random_seed(1)
+    model = build_model(9, 5, "lstm", readout, input_units=8, units=7)
+    model.compile(keras.optimizers.Adam(0.05), keras.losses.SparseCategoricalCrossentropy(True))
+    model.fit(x, np.arange(6) % 3, epochs=5, verbose=0)  # trained: c has grown apart from h
+    seq, h, c = probe_states(model, x)
+    np.testing.assert_allclose(features(model, x), expected(seq, h, c), rtol=1e-5, atol=1e-6)
+    assert np.abs(h - c).max() > 0.1  # so state_h and state_c are really different vectors
 
 
 @pytest.mark.parametrize("cell", list(CELL_READOUTS))

@@ -3,24 +3,78 @@
 from pathlib import Path
 
 import pytest
+from dvc.utils.serialize import parse_yaml
+from helpers import ROOT, params_dict, run_stage
 
 from pipeline import params as P
-
-ROOT = Path(__file__).resolve().parents[1]
+from pipeline.stage import ParamsError
 
 
 def test_committed_params_yaml_is_valid_and_matches_the_schema_defaults() -> None:
     params = P.load(ROOT / "params.yaml")
     assert params == P.Params()  # the file documents the defaults, nothing else
-    assert params.train.readouts == ["state_h", "output_last"]
+    assert params.readouts == ["state_h", "output_last"]
 
 
-def test_flat_uses_dotted_keys_for_every_param() -> None:
+def test_flat_names_every_leaf_with_its_dotted_path() -> None:
+    tree = P.Params().model_dump()
     flat = P.Params().flat()
-    assert flat["train.lr"] == 0.001
-    assert flat["model.cell"] == "lstm"
-    assert flat["seed"] == 42
-    assert len(flat) == 21
+    for key, value in flat.items():
+        node = tree
+        for part in key.split("."):
+            node = node[part]
+        assert node == value and not isinstance(value, dict), key
+    assert flat["train.lr"] == 0.001 and flat["readouts"] == ["state_h", "output_last"]
+    leaves = sum(len(v) if isinstance(v, dict) else 1 for v in tree.values())
+    assert len(flat) == leaves  # nothing left out
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("1e-3", 0.001), ("1E3", 1000.0), (".5", 0.5), ("5e-4", 0.0005)]
+)
+def test_numbers_are_read_as_dvc_reads_them(tmp_path: Path, text: str, value: float) -> None:
+    """PyYAML (YAML 1.1) reads 1e-3 as a string; DVC reads it as 0.001, and so must the stages."""
+    original = (ROOT / "params.yaml").read_text()
+    edited = original.replace("timeout: 30 ", f"timeout: {text} ")
+    assert edited != original
+    (tmp_path / "params.yaml").write_text(edited)
+    assert parse_yaml(edited, "params.yaml")["data"]["timeout"] == value  # DVC's own parser
+    assert P.load(tmp_path / "params.yaml").data.timeout == value
+
+
+def test_a_misspelled_key_is_named_beside_the_missing_one() -> None:
+    raw = params_dict()
+    raw["train"]["epoch"] = raw["train"].pop("epochs")
+    with pytest.raises(ParamsError) as err:
+        P.parse(raw)
+    assert "train.epoch: unknown key (did you mean train.epochs?)" in str(err.value)
+    assert "train.epochs: missing (the documented default is 20)" in str(err.value)
+
+
+def test_every_key_must_be_in_the_file() -> None:
+    """DVC reruns stages by what params.yaml says, so no value may silently come from code."""
+    raw = params_dict()
+    del raw["data"]["timeout"], raw["sequence"]
+    with pytest.raises(ParamsError, match=r"data\.timeout: missing.*; sequence: missing"):
+        P.parse(raw)
+
+
+def test_check_command_names_every_problem_at_once(tmp_path: Path) -> None:
+    good = (ROOT / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(good)
+    ok = run_stage("params", tmp_path)
+    assert ok.returncode == 0 and "params.yaml: valid" in ok.stdout, ok.stderr
+    (tmp_path / "params.yaml").write_text(
+        good.replace("epochs:", "epoch:").replace("seed:", "sede:")
+    )
+    bad = run_stage("params", tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    for named in (
+        "sede: unknown key (did you mean seed?)",
+        "seed: missing",
+        "train.epoch: unknown",
+    ):
+        assert named in bad.stderr
 
 
 @pytest.mark.parametrize(
@@ -32,22 +86,22 @@ def test_flat_uses_dotted_keys_for_every_param() -> None:
         ({"train": {"batch_size": 0}}, "train.batch_size", "greater than or equal to 1"),
         ({"train": {"batch_size": 1.5}}, "train.batch_size", "valid integer"),
         ({"train": {"epochs": True}}, "train.epochs", "valid integer"),
-        ({"train": {"readouts": []}}, "train.readouts", "at least 1"),
-        ({"train": {"readouts": ["state_h", "state_h"]}}, "train.readouts", "twice"),
-        ({"train": {"readouts": ["last"]}}, "train.readouts.0", "'output_last'"),
+        ({"readouts": []}, "readouts", "at least 1"),
+        ({"readouts": ["state_h", "state_h"]}, "readouts", "twice"),
+        ({"readouts": ["last"]}, "readouts.0", "'output_last'"),
         ({"model": {"cell": "transformer"}}, "model.cell", "'lstm', 'gru' or 'simple_rnn'"),
         ({"model": {"unit_forget_bias": "yes"}}, "model.unit_forget_bias", "valid boolean"),
         ({"train": {"global_clipnorm": 0}}, "train.global_clipnorm", "greater than 0"),
         ({"train": {"lr_schedule": "step"}}, "train.lr_schedule", "'constant' or 'cosine'"),
         ({"train": {"tbptt_steps": 0}}, "train.tbptt_steps", "greater than or equal to 1"),
         (
-            {"train": {"tbptt_steps": 28, "readouts": ["output_mean"]}},
+            {"train": {"tbptt_steps": 28}, "readouts": ["output_mean"]},
             "train.tbptt_steps",
             "use state_h, output_last or state_c",
         ),
         (
-            {"model": {"cell": "gru"}, "train": {"readouts": ["state_c"]}},
-            "train.readouts",
+            {"model": {"cell": "gru"}, "readouts": ["state_c"]},
+            "readouts",
             "allowed: state_h",
         ),
         ({"sequence": {"order": "diagonal"}}, "sequence.order", "'permuted_pixels'"),
@@ -57,28 +111,36 @@ def test_flat_uses_dotted_keys_for_every_param() -> None:
         ({"data": {"url": "http://example.com/mnist.npz"}}, "data.url", "https://"),
         ({"data": {"sha256": "abc"}}, "data.sha256", "64 lowercase hex"),
         ({"seed": -1}, "seed", "greater than or equal to 0"),
-        (["a", "list"], "params.yaml", "mapping"),
     ],
 )
 def test_bad_values_are_refused_naming_key_and_what_is_allowed(raw, named, allowed) -> None:
-    with pytest.raises(P.ParamsError) as err:
-        P.parse(raw)
+    with pytest.raises(ParamsError) as err:
+        P.parse(params_dict(raw))
     message = str(err.value)
     assert named in message
     assert allowed in message
     assert "\n" not in message  # one line
+    assert "missing" not in message  # every other key is there
+
+
+def test_not_a_mapping_is_refused() -> None:
+    with pytest.raises(
+        ParamsError, match=r"params\.yaml: expected a mapping of sections, got list"
+    ):
+        P.parse(["a", "list"])
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
-    with pytest.raises(P.ParamsError, match="not found"):
+    with pytest.raises(ParamsError, match="not found"):
         P.load(tmp_path / "params.yaml")
     bad = tmp_path / "params.yaml"
     bad.write_text("train: {lr: [0.1\n")
-    with pytest.raises(P.ParamsError, match="not valid YAML") as err:
+    with pytest.raises(ParamsError, match="not valid YAML") as err:
         P.load(bad)
     assert "\n" not in str(err.value)
 
 
-def test_empty_file_means_all_defaults(tmp_path: Path) -> None:
+def test_an_empty_file_names_every_missing_section(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("")
-    assert P.load(tmp_path / "params.yaml") == P.Params()
+    with pytest.raises(ParamsError, match=r"seed: missing.*; data: missing.*; readouts: missing"):
+        P.load(tmp_path / "params.yaml")

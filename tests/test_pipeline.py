@@ -6,21 +6,22 @@ Small params (bundled MNIST subset, 1 epoch) keep it to a few minutes on 2 cores
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import keras
 import mlflow
 import numpy as np
 import pytest
+from helpers import assert_no_tf_noise, copy_project, dvc, run_stage
 from mlflow.tracking import MlflowClient
-from project import copy_project, sh
 
 from pipeline import params as P
+from pipeline import tracking
 from pipeline.model import build_model
 from pipeline.train import epoch_batches
 
 SMALL = {"data": {"source": "bundled"}, "train": {"epochs": 1}}
+TEMP_OVERRIDES = ("-S", "readouts=[state_h]", "-S", "train.lr=0.002")
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +30,15 @@ pytestmark = pytest.mark.slow
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh git + DVC copy of the project with small params, after a real `dvc repro`."""
     repo = copy_project(tmp_path_factory.mktemp("repo"), SMALL)
-    sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
+    out = dvc("repro", cwd=repo)
+    (repo.parent / "repro.log").write_text(out.stdout + out.stderr)
     return repo
+
+
+def test_dvc_repro_prints_progress_but_no_tensorflow_noise(repo: Path) -> None:
+    log = (repo.parent / "repro.log").read_text()
+    assert_no_tf_noise(log)
+    assert "epoch 1/1: accuracy" in log and "evaluate state_h: test accuracy" in log
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +112,11 @@ def test_state_h_and_output_last_give_identical_curves(repo: Path, client: Mlflo
             for key in ("batch_accuracy", "batch_loss", "val_loss")
         }
     assert curves["state_h"] == curves["output_last"]
-    gap = json.loads((repo / "reports/readout_gap.json").read_text())
+    gap = json.loads((repo / "reports/compare/readout_gap.json").read_text())
     assert gap["max_abs_output_last_minus_state_h"] == 0.0
-    report = (repo / "reports/compare.md").read_text()
+    report = (repo / "reports/compare/compare.md").read_text()
     assert "| state_h |" in report and "| output_last |" in report
-    assert (repo / "reports/batch_accuracy.png").stat().st_size > 10_000
+    assert (repo / "reports/compare/batch_accuracy.png").stat().st_size > 10_000
 
 
 def test_logged_model_loads_through_pyfunc_and_predicts(repo: Path, client: MlflowClient) -> None:
@@ -128,7 +136,7 @@ def test_editing_lr_reruns_only_train_and_later(repo: Path) -> None:
     text = (repo / "params.yaml").read_text()
     try:
         (repo / "params.yaml").write_text(text.replace("lr: 0.001", "lr: 0.002"))
-        status = sh(sys.executable, "-m", "dvc", "status", cwd=repo).stdout
+        status = dvc("status", cwd=repo).stdout
     finally:
         (repo / "params.yaml").write_text(text)
     assert "train@state_h" in status and "train@output_last" in status
@@ -140,7 +148,10 @@ def test_rerun_gives_identical_metrics_bit_for_bit(repo: Path, client: MlflowCli
         r: (repo / "eval" / r / "metrics.json").read_bytes() for r in ("state_h", "output_last")
     }
     first = run_of(repo, client, "state_h").info.run_id
-    sh(sys.executable, "-m", "dvc", "repro", "-f", cwd=repo)
+    report = run_stage("report", repo)  # a report the user asked for, beside compare's output
+    assert report.returncode == 0, report.stderr
+    dvc("repro", "-f", cwd=repo)
+    assert (repo / "reports/experiments/report.md").exists()  # no stage deleted it
     for readout, content in before.items():
         assert (repo / "eval" / readout / "metrics.json").read_bytes() == content
     second = run_of(repo, client, "state_h").info.run_id
@@ -154,10 +165,9 @@ def test_rerun_gives_identical_metrics_bit_for_bit(repo: Path, client: MlflowCli
 
 def test_temp_experiment_lands_in_the_root_store(repo: Path, client: MlflowClient) -> None:
     """`dvc exp run --temp` runs in a copy under .dvc/tmp/exps; its runs must not vanish with it."""
-    experiment_id = client.get_experiment_by_name("rnn-mnist-sequences").experiment_id
+    experiment_id = client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
     before = {r.info.run_id for r in client.search_runs([experiment_id])}
-    overrides = ["-S", "train.readouts=[state_h]", "-S", "train.lr=0.002"]
-    sh(sys.executable, "-m", "dvc", "exp", "run", "--temp", *overrides, cwd=repo)
+    dvc("exp", "run", "--temp", *TEMP_OVERRIDES, cwd=repo)
 
     new = [r for r in client.search_runs([experiment_id]) if r.info.run_id not in before]
     assert len(new) == 1
@@ -174,3 +184,20 @@ def test_temp_experiment_lands_in_the_root_store(repo: Path, client: MlflowClien
         1,
         10,
     )
+
+
+def test_an_experiment_that_repeats_earlier_params_gets_its_own_mlflow_run(
+    repo: Path, client: MlflowClient
+) -> None:
+    """DVC would restore train from its run cache and log nothing; persist: true prevents that,
+    so grouping by dvc.exp_name in mlflow ui finds every experiment's model."""
+    experiment_id = client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+    query = "params.`train.lr` = '0.002'"
+    first = client.search_runs([experiment_id], query)
+    assert len(first) == 1  # the temp experiment above
+    dvc("exp", "run", "--temp", *TEMP_OVERRIDES, cwd=repo)  # the very same params again
+    runs = client.search_runs([experiment_id], query)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert len({r.data.tags["dvc.exp_name"] for r in runs}) == 2
+    assert all("test_accuracy" in r.data.metrics for r in runs)
+    assert runs[0].data.metrics["test_accuracy"] == runs[1].data.metrics["test_accuracy"]

@@ -1,11 +1,11 @@
 """python -m pipeline.report on a store this test fills: the table, the full histories, the plots."""
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import run_stage
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -50,15 +50,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]
 
 
 def run_report(uri: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {"MLFLOW_TRACKING_URI": uri, "PATH": "/usr/bin:/bin"}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.report", *args],
-        cwd=cwd,
-        env=env | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_stage("report", cwd, *args, env={"MLFLOW_TRACKING_URI": uri})
 
 
 def test_report_tabulates_every_finished_run_with_the_params_that_differ(

@@ -16,11 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import clean_env, copy_project, dvc, sh
 from mlflow.tracking import MlflowClient
-from project import clean_env, copy_project, sh
+
+from pipeline import tracking
 
 pytestmark = pytest.mark.slow
-PARAMS = {"data": {"source": "bundled"}, "train": {"epochs": 6, "readouts": ["state_h"]}}
+PARAMS = {"data": {"source": "bundled"}, "train": {"epochs": 6}, "readouts": ["state_h"]}
 CHECKPOINT = Path("checkpoints/state_h/checkpoint.npz")
 
 
@@ -50,7 +52,7 @@ def curve(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]
 
 def runs(repo: Path) -> tuple[MlflowClient, list]:
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("rnn-mnist-sequences")
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
     return client, client.search_runs([experiment.experiment_id])
 
 
@@ -69,7 +71,7 @@ def start_training(tmp_path: Path) -> tuple[Path, subprocess.Popen[bytes]]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = copy_project(tmp_path_factory.mktemp("reference"), PARAMS)
-    sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
+    dvc("repro", cwd=repo)
     return repo
 
 
@@ -91,7 +93,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(
             break
     print(f"\nkill trials: {kills} SIGKILLs during training, then one clean `dvc repro`")
     assert kills >= 2, "the trials should really have killed training"
-    sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
+    dvc("repro", cwd=repo)
 
     for name in (
         "eval/state_h/metrics.json",

@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from project import ROOT, clean_env, write_params
+from helpers import free_port, run_stage, write_params
 
 BAD_PARAMS = [
     ("data: {sourse: bundled}\n", "data.sourse: unknown key"),
@@ -20,30 +18,18 @@ BAD_PARAMS = [
     ("train: {lr: fast}\n", "train.lr: Input should be a valid number"),
     ("model: {cell: lstm2}\n", "model.cell: 'lstm2' is not allowed"),
     ("sequence: {order: spiral}\n", "sequence.order: 'spiral' is not allowed"),
-    ("train: {readouts: [output_first]}\n", "train.readouts.0: 'output_first' is not allowed"),
+    ("readouts: [output_first]\n", "readouts.0: 'output_first' is not allowed"),
     (
-        "model: {cell: gru}\ntrain: {readouts: [state_c]}\n",
+        "model: {cell: gru}\nreadouts: [state_c]\n",
         "'state_c' is not available for model.cell 'gru'",
     ),
-    ("train: {readouts: []}\n", "train.readouts: List should have at least 1 item"),
+    ("readouts: []\n", "readouts: List should have at least 1 item"),
+    ("train: {epoch: 3}\n", "train.epoch: unknown key (did you mean train.epochs?)"),
+    ("train: {epoch: 3}\n", "train.epochs: missing"),
     ("data: {val_size: 2}\n", "data.val_size: Input should be less than 1"),
     ("train: [lr\n", "not valid YAML"),
     (None, "params.yaml: file not found"),
 ]
-
-
-def run_stage(
-    stage: str, cwd: Path, *args: str, env: dict | None = None
-) -> subprocess.CompletedProcess[str]:
-    env = {**clean_env(), "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", f"pipeline.{stage}", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def assert_refused(out: subprocess.CompletedProcess[str], message: str) -> None:
@@ -64,7 +50,7 @@ def test_bad_params_stop_fetch_before_any_work(
 
 
 def test_a_readout_the_cell_lacks_stops_train_before_any_work(tmp_path: Path) -> None:
-    (tmp_path / "params.yaml").write_text("model: {cell: gru}\ntrain: {readouts: [state_h]}\n")
+    write_params(tmp_path, {"model": {"cell": "gru"}, "readouts": ["state_h"]})
     out = run_stage("train", tmp_path, "--readout", "state_c")
     assert_refused(out, "readout: 'state_c' is not available for model.cell 'gru'")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
@@ -126,9 +112,7 @@ def test_unreachable_tracking_server_fails_train_in_seconds(tmp_path: Path) -> N
     write_params(tmp_path, {"data": {"source": "bundled"}})
     assert run_stage("fetch", tmp_path).returncode == 0
     assert run_stage("preprocess", tmp_path).returncode == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     start = time.monotonic()
     out = run_stage(
         "train",
@@ -138,13 +122,13 @@ def test_unreachable_tracking_server_fails_train_in_seconds(tmp_path: Path) -> N
         env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"},
     )
     assert_refused(out, f"MLFLOW_TRACKING_URI=http://127.0.0.1:{port}: no MLflow server answered")
-    assert time.monotonic() - start < 60  # TensorFlow's import included; no training started
+    assert time.monotonic() - start < 120  # seconds, not the minutes of a training run
     assert not (tmp_path / "models").exists() and not (tmp_path / "checkpoints").exists()
 
 
 def test_outputs_cannot_be_steered_outside_the_repo(tmp_path: Path) -> None:
     """Output paths are fixed in each stage; the one name taken from outside is a known readout."""
-    (tmp_path / "params.yaml").write_text("")
+    write_params(tmp_path)
     out = run_stage("train", tmp_path, "--readout", "../../escape")
     assert out.returncode == 2 and "invalid choice: '../../escape'" in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

@@ -1,15 +1,16 @@
-"""Batching, and what a crash does to the MLflow run."""
+"""Batching, the optimizer's schedule and clipping, the stage on a tiny data set, and a crash."""
 
+import json
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
+from helpers import assert_no_tf_noise, make_params, run_stage, write_params, write_prepared
 from mlflow.tracking import MlflowClient
-from project import write_params
 
-from pipeline import params as P
+from pipeline import tracking
 from pipeline import train as T
-from pipeline.io import save_npz, write_json
 from pipeline.train import epoch_batches
 
 
@@ -26,38 +27,64 @@ def test_epoch_batches_reshuffle_each_epoch_deterministically() -> None:
     assert not np.array_equal(first, np.concatenate(epoch_batches(500, 50, seed=6, epoch=0)))
 
 
-def test_cosine_schedule_decays_to_zero_at_the_last_batch_and_clipping_bounds_the_norm() -> None:
-    cfg = P.parse({"train": {"lr_schedule": "cosine", "epochs": 3, "batch_size": 100}}).train
-    lr = T.make_optimizer(cfg, samples=1000)._learning_rate  # the schedule: 3 x 10 batches
-    assert float(lr(0)) == pytest.approx(0.001)
-    assert float(lr(15)) == pytest.approx(0.0005, rel=1e-3)
-    assert float(lr(30)) == pytest.approx(0.0, abs=1e-9)
+def test_cosine_schedule_decays_to_zero_at_the_last_batch() -> None:
+    cfg = make_params({"train": {"lr_schedule": "cosine", "epochs": 3, "batch_size": 100}}).train
+    optimizer = T.make_optimizer(cfg, samples=1000)  # 3 epochs x 10 batches = 30 updates
+    rates = {}
+    for step in (0, 15, 30):
+        optimizer.iterations.assign(step)
+        rates[step] = float(optimizer.learning_rate)
+    assert rates[0] == pytest.approx(0.001)
+    assert rates[15] == pytest.approx(0.0005, rel=1e-3)
+    assert rates[30] == pytest.approx(0.0, abs=1e-9)
 
-    clipped = T.make_optimizer(P.parse({"train": {"global_clipnorm": 0.5}}).train, samples=1)
-    grads = [np.full(4, 100.0, np.float32), np.full(9, -3.0, np.float32)]
-    norm = np.sqrt(sum(float(np.sum(np.square(g))) for g in clipped._clip_gradients(grads)))
-    assert norm == pytest.approx(0.5)
+
+def test_global_clipnorm_rescales_all_gradients_together() -> None:
+    """Clipped at 0.5, two steps with huge gradients move the weights exactly as the same two
+    steps with those gradients scaled to norm 0.5 do, on an unclipped optimizer."""
+    grads = [
+        [np.full(4, 100.0, np.float32), np.full(9, -3.0, np.float32)],
+        [np.full(4, -7.0, np.float32), np.full(9, 40.0, np.float32)],
+    ]
+
+    def train(global_clipnorm: float | None, scale: bool) -> list[np.ndarray]:
+        cfg = make_params({"train": {"global_clipnorm": global_clipnorm}}).train
+        optimizer = T.make_optimizer(cfg, samples=1)
+        weights = [keras.Variable(np.zeros(4, np.float32)), keras.Variable(np.zeros(9, np.float32))]
+        for step in grads:
+            norm = np.sqrt(sum(float(np.sum(g**2)) for g in step))
+            step = [g * 0.5 / norm for g in step] if scale else step
+            optimizer.apply_gradients(zip(step, weights, strict=True))
+        return [w.numpy() for w in weights]
+
+    clipped, by_hand, unclipped = train(0.5, False), train(None, True), train(None, False)
+    for a, b in zip(clipped, by_hand, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert not np.allclose(clipped[0], unclipped[0])  # Adam is not scale-free across steps
+
+
+def test_the_stage_trains_logs_and_prints_no_tensorflow_noise(tmp_path: Path) -> None:
+    tiny = {"model": {"input_units": 8, "units": 8}, "readouts": ["state_h"]}
+    write_params(tmp_path, tiny | {"train": {"epochs": 2, "batch_size": 8}})
+    write_prepared(tmp_path)
+    out = run_stage("train", tmp_path, "--readout", "state_h")
+    assert out.returncode == 0, out.stderr
+    assert_no_tf_noise(out.stdout + out.stderr)
+    assert "epoch 2/2: accuracy" in out.stdout
+    assert "it/s" not in out.stderr  # no progress bar when the output is not a terminal
+    run = json.loads((tmp_path / "models/state_h/run.json").read_text())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    logged = client.get_run(run["run_id"])
+    assert logged.info.status == "FINISHED"
+    assert len(client.get_metric_history(run["run_id"], "batch_accuracy")) == 2 * 3  # 20 / 8
+    assert not (tmp_path / "checkpoints/state_h").exists()  # removed once the run finished
 
 
 def test_a_crash_marks_the_run_failed_and_keeps_the_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    isolated: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_ROOT", "DVC_EXP_NAME"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
-    write_params(tmp_path, {"train": {"epochs": 2, "readouts": ["state_h"]}})
-    rng = np.random.default_rng(0)
-    arrays = {
-        f"x_{s}": rng.random((20, 28, 28), dtype=np.float32) for s in ("train", "val", "test")
-    }
-    arrays |= {f"y_{s}": (np.arange(20) % 10).astype(np.int32) for s in ("train", "val", "test")}
-    save_npz(tmp_path / "data/prepared/sequences.npz", **arrays)
-    meta = {
-        "order": "rows",
-        "sha256": "0" * 64,
-        "source": {"source": "bundled", "dataset": "mnist"},
-    }
-    write_json(tmp_path / "data/prepared/meta.json", meta)
+    write_params(isolated, {"train": {"epochs": 2}, "readouts": ["state_h"]})
+    write_prepared(isolated)
 
     def crash(*args: object) -> None:
         raise RuntimeError("disk on fire")
@@ -65,7 +92,9 @@ def test_a_crash_marks_the_run_failed_and_keeps_the_checkpoint(
     monkeypatch.setattr(T, "fit", crash)
     with pytest.raises(RuntimeError, match="disk on fire"):
         T.train("state_h")
-    (run,) = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
+    client = MlflowClient(f"sqlite:///{isolated / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FAILED"
-    assert (tmp_path / "checkpoints/state_h/checkpoint.npz").exists()  # a rerun resumes it
-    assert not (tmp_path / "models").exists()
+    assert (isolated / "checkpoints/state_h/checkpoint.npz").exists()  # a rerun resumes it
+    assert not (isolated / "models").exists()

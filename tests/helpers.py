@@ -1,0 +1,119 @@
+"""What many tests share: running commands and stages as a user would, free ports, project copies.
+
+Fixtures built on these live in conftest.py; module-scoped fixtures call these directly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ruamel.yaml import YAML
+
+from pipeline import params as P
+from pipeline.io import save_npz, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+GIT = ("git", "-c", "user.name=test", "-c", "user.email=test@localhost")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without the caller's MLflow/DVC settings, able to import `pipeline`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    return env | {"PYTHONPATH": str(ROOT)} | extra
+
+
+def sh(
+    *cmd: str,
+    cwd: Path,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: float = 900,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command in a clean environment; with check, fail the test on a non-zero exit."""
+    out = subprocess.run(
+        cmd, cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check:
+        assert out.returncode == 0, f"{' '.join(cmd)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def run_stage(
+    stage: str, cwd: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m pipeline.<stage> args` in cwd, as a user runs it; the exit code is not checked."""
+    cmd = (sys.executable, "-m", f"pipeline.{stage}", *args)
+    return sh(*cmd, cwd=cwd, check=False, env=clean_env(**(env or {})), timeout=300)
+
+
+def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return sh(sys.executable, "-m", "dvc", *args, cwd=cwd)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 where nothing listens (right now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def params_dict(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The default params with some sections (or top-level keys) overridden, as params.yaml holds."""
+    params = P.Params().model_dump()
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and key in params:
+            params[key].update(value)
+        else:
+            params[key] = value
+    return params
+
+
+def make_params(overrides: dict[str, Any] | None = None) -> P.Params:
+    return P.parse(params_dict(overrides))
+
+
+def write_params(repo: Path, overrides: dict[str, Any] | None = None) -> P.Params:
+    params = params_dict(overrides)
+    YAML(typ="safe", pure=True).dump(params, repo / "params.yaml")
+    return P.parse(params)
+
+
+def copy_project(dest: Path, overrides: dict[str, Any]) -> Path:
+    """The project's git-tracked files in a fresh git repo at dest, with params overridden."""
+    for name in sh("git", "ls-files", cwd=ROOT).stdout.split():
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    write_params(dest, overrides)
+    sh("git", "init", "-q", cwd=dest)
+    sh(*GIT, "add", "-A", cwd=dest)
+    sh(*GIT, "commit", "-qm", "copy", cwd=dest)
+    return dest
+
+
+# What TensorFlow's C++ side writes at start-up; a user reads "E0000 ... CUDA error" as a failure.
+TF_NOISE = ("absl::InitializeLog", "cuInit", "cuda drivers", "oneDNN", "NodeDef mentions", "0000 ")
+
+
+def assert_no_tf_noise(text: str) -> None:
+    noisy = [line for line in text.splitlines() if any(n in line for n in TF_NOISE)]
+    assert not noisy, "TensorFlow start-up noise:\n" + "\n".join(noisy)
+
+
+def write_prepared(root: Path, n: int = 20) -> None:
+    """A tiny prepared data set: n random 28x28 sequences per split, labels 0-9."""
+    rng = np.random.default_rng(0)
+    splits = ("train", "val", "test")
+    arrays = {f"x_{s}": rng.random((n, 28, 28), dtype=np.float32) for s in splits}
+    arrays |= {f"y_{s}": (np.arange(n) % 10).astype(np.int32) for s in splits}
+    save_npz(root / "data/prepared/sequences.npz", **arrays)
+    source = {"source": "bundled", "dataset": "mnist"}
+    meta = {"order": "rows", "sha256": "0" * 64, "source": source}
+    write_json(root / "data/prepared/meta.json", meta)

@@ -1,0 +1,80 @@
+"""Checkpoints: the state and every weight come back exactly; only the same params resume."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from helpers import make_params
+
+from pipeline import checkpoint
+from pipeline.checkpoint import TrainState
+from pipeline.model import build_model
+
+
+def trained(seed: int) -> tuple[keras.Model, keras.optimizers.Optimizer]:
+    """A small model and its Adam optimizer after two updates (so its moments are non-zero)."""
+    keras.utils.set_random_seed(seed)
+    model = build_model(4, 3, "lstm", "state_h", input_units=5, units=6)
+    optimizer = keras.optimizers.Adam(0.01)
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(seed).random((8, 4, 3), dtype=np.float32)
+    model.fit(x, np.arange(8) % 10, epochs=2, batch_size=8, verbose=0)
+    return model, optimizer
+
+
+def test_save_then_restore_gives_back_the_state_weights_and_optimizer(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.npz"
+    model, optimizer = trained(seed=1)
+    state = TrainState(fingerprint="f" * 64, run_id="abc", epoch=2, batch=3, step=17)
+    state.samples, state.loss_sum, state.hits = 40, 91.25, 13.0
+    state.batch_rows, state.epoch_rows = [[0, 0.5, 2.1]], [[0, 0.4, 2.0, 0.45, 1.9]]
+    state.pending = [["batch_loss", 1.5, 16, 1700000000000]]
+    checkpoint.save(path, model, optimizer, state)
+
+    assert checkpoint.read_state(path) == state
+    other, other_optimizer = trained(seed=2)  # different weights and moments, same shapes
+    checkpoint.restore(path, other, other_optimizer)
+    for a, b in zip(other.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(other_optimizer.variables, optimizer.variables, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip", None])
+def test_an_absent_or_unreadable_checkpoint_reads_as_none(tmp_path: Path, content) -> None:
+    path = tmp_path / "checkpoint.npz"
+    if content is not None:
+        path.write_bytes(content)
+    assert checkpoint.read_state(path) is None
+
+
+def test_resume_only_a_checkpoint_of_the_same_fingerprint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "checkpoint.npz"
+    model, optimizer = trained(seed=1)
+    saved = TrainState(fingerprint="a" * 64, run_id="run-1", epoch=1, batch=2)
+    checkpoint.save(path, model, optimizer, saved)
+
+    fresh, fresh_optimizer = trained(seed=2)
+    state, stale = checkpoint.start_or_resume(path, "a" * 64, fresh, fresh_optimizer)
+    assert (state, stale) == (saved, None)
+    np.testing.assert_array_equal(fresh.get_weights()[0], model.get_weights()[0])
+    assert "resuming run run-1 at epoch 2, batch 2" in capsys.readouterr().out
+
+    state, stale = checkpoint.start_or_resume(path, "b" * 64, *trained(seed=3))
+    assert state == TrainState(fingerprint="b" * 64) and stale == "run-1"
+    assert "is for other params or data: starting clean" in capsys.readouterr().out
+
+
+def test_the_fingerprint_is_stable_and_json_of_the_state_round_trips() -> None:
+    params = make_params()
+    assert checkpoint.fingerprint(params, "state_h", "0" * 64) == checkpoint.fingerprint(
+        make_params(), "state_h", "0" * 64
+    )
+    state = TrainState(fingerprint="x", hits=3.5)
+    assert TrainState(**dataclasses.asdict(state)) == state

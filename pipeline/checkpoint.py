@@ -44,6 +44,11 @@ class TrainState:
     seconds: float = 0.0  # training time spent before this process started
     pending: list[list] = dataclasses.field(default_factory=list)  # points not yet in MLflow
 
+    def next_epoch(self) -> None:
+        """Move to the start of the next epoch: no batch done yet, running sums at zero."""
+        self.epoch, self.batch = self.epoch + 1, 0
+        self.samples, self.loss_sum, self.hits = 0, 0.0, 0.0
+
 
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived; a checkpoint was saved at a batch boundary."""

@@ -101,13 +101,7 @@ def fit(
         for key, value in row.items():
             log.add(key, value, epoch)
         state.epoch_rows.append([epoch, *row.values()])
-        state.epoch, state.batch, state.samples, state.loss_sum, state.hits = (
-            epoch + 1,
-            0,
-            0,
-            0.0,
-            0.0,
-        )
+        state.next_epoch()
         save()  # before sending: a kill in between re-sends only the points the store lacks
         log.flush()
         print(

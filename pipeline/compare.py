@@ -29,8 +29,8 @@ def read_curve(readout: str) -> tuple[np.ndarray, np.ndarray]:
 
 def stale_readouts(readouts: list[str]) -> list[str]:
     """Readouts with results in eval/ or logs/ that `readouts` no longer names (left from before)."""
-    found = {p.name for folder in (EVAL, LOGS, MODELS) if folder.is_dir() for p in folder.iterdir()}
-    return sorted(found - set(readouts))
+    folders = [p for root in (EVAL, LOGS, MODELS) if root.is_dir() for p in root.iterdir()]
+    return sorted({p.name for p in folders if p.is_dir()} - set(readouts))
 
 
 def main() -> None:

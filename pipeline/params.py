@@ -197,8 +197,39 @@ def load(path: Path = PARAMS_FILE) -> Params:
     try:
         raw = YAML(typ="safe").load(text)  # exactly how DVC reads params.yaml
     except YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        where = misindented(text) or ""
+        raise ParamsError(f"{path}: not valid YAML: {where}{' '.join(str(exc).split())}") from None
     return parse(raw, str(path))
+
+
+def misindented(text: str) -> str | None:
+    """Where indentation breaks the block structure, naming both lines involved.
+
+    The YAML parser notices a wrongly indented line only at the next one, and blames that.
+    """
+    blocks = [(0, 0)]  # (indentation, the line that set it) of the blocks open here
+    opens, previous = False, 0
+    for number, line in enumerate(text.splitlines(), 1):
+        content = line.split("#", 1)[0].rstrip()
+        if not content.strip():
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        if indent > blocks[-1][0]:
+            if not opens:
+                return (
+                    f"line {number} is indented deeper than line {previous}, which opens no block; "
+                )
+            blocks.append((indent, number))
+        popped = blocks[-1]
+        while indent < blocks[-1][0]:
+            popped = blocks.pop()
+        if indent != blocks[-1][0]:  # a dedent that lands between two open blocks
+            return (
+                f"line {number} is indented {indent} spaces, but the lines of its block are "
+                f"indented {popped[0]} (from line {popped[1]}); "
+            )
+        opens, previous = content.endswith(":"), number
+    return None
 
 
 def main() -> None:

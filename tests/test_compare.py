@@ -35,5 +35,6 @@ def test_a_missing_curve_says_which_stage_to_run(isolated: Path) -> None:
 def test_results_of_readouts_no_longer_listed_are_named(isolated: Path) -> None:
     for folder in ("eval/state_h", "eval/output_last", "logs/output_last", "models/state_c"):
         (isolated / folder).mkdir(parents=True)
+    (isolated / "models/.gitignore").write_text("/state_c\n")  # DVC's, not a readout
     assert compare.stale_readouts(["state_h"]) == ["output_last", "state_c"]
     assert compare.stale_readouts(["state_h", "output_last", "state_c"]) == []

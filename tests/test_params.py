@@ -59,6 +59,30 @@ def test_every_key_must_be_in_the_file() -> None:
         P.parse(raw)
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "line"),
+    [
+        ("\n  lr_schedule:", "\n   lr_schedule:", "line 29 is indented deeper than line 28, "),
+        (
+            "\n  lr: 0.001",
+            "\n   lr: 0.001",
+            "line 29 is indented 2 spaces, but the lines of its block are indented 3 \\(from line 28\\)",
+        ),
+        ("\n  epochs: 20", "\nepochs: 20", "line 34 is indented deeper than line 33, "),
+    ],
+)
+def test_broken_indentation_is_blamed_on_its_own_line(
+    tmp_path: Path, old: str, new: str, line: str
+) -> None:
+    """The parser notices a misindented line only at the next one (and so DVC blames that)."""
+    text = (ROOT / "params.yaml").read_text()
+    assert old in text
+    (tmp_path / "params.yaml").write_text(text.replace(old, new))
+    with pytest.raises(ParamsError, match=f"not valid YAML: {line}"):
+        P.load(tmp_path / "params.yaml")
+    assert P.misindented(text) is None
+
+
 def test_check_command_names_every_problem_at_once(tmp_path: Path) -> None:
     good = (ROOT / "params.yaml").read_text()
     (tmp_path / "params.yaml").write_text(good)

@@ -4,7 +4,7 @@
     python benchmarks/bench.py --order pixels --steps 20 --repeats 3
     python benchmarks/bench.py --cell gru --order pixels --steps 10 --repeats 3
 
-The seed's network (per-step Dense 128 -> LSTM 128 -> Dense 10, batch 128, Adam; --cell gru or
+The blog post's network (per-step Dense 128 -> LSTM 128 -> Dense 10, batch 128, Adam; --cell gru or
 simple_rnn for the other cells) trained for a
 fixed number of batches by each contender, in rounds whose order rotates so that machine noise
 hits all alike; samples/s is the median over rounds. Contenders:

@@ -75,7 +75,7 @@ class ModelParams(_Section):
     cell: Cell = "lstm"
     input_units: int = Field(128, ge=1, le=4096)
     units: int = Field(128, ge=1, le=4096)
-    unit_forget_bias: bool = True  # LSTM: forget-gate bias starts at 1 (the seed's forget_bias)
+    unit_forget_bias: bool = True  # LSTM: forget-gate bias starts at 1 (the post's forget_bias)
 
 
 class TrainParams(_Section):

@@ -97,5 +97,5 @@ def test_the_full_metric_history_is_read(store: tuple[str, dict[str, str]]) -> N
 def test_an_empty_store_is_one_clear_error(tmp_path: Path) -> None:
     done = run_report(f"sqlite:///{tmp_path / 'empty.db'}", tmp_path)
     assert done.returncode == 2
-    assert "error: no experiment 'rnn-mnist-sequences'" in done.stderr
+    assert f"error: no experiment '{tracking.EXPERIMENT}'" in done.stderr
     assert not (tmp_path / "reports").exists()

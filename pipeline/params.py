@@ -88,6 +88,17 @@ class TrainParams(_Section):
     tbptt_steps: int | None = Field(None, ge=1)  # stateful training in chunks of this many steps
 
 
+class RegistryParams(_Section):
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+    )  # None: rnn-<dataset>
+    min_improvement: float = Field(0.0, ge=0, le=1)  # test accuracy a challenger must gain
+
+    def model_name(self, dataset: str) -> str:
+        """The registered model: one per dataset, so models of two datasets never compete."""
+        return self.name or f"rnn-{dataset.replace('_', '-')}"
+
+
 class Params(_Section):
     seed: int = Field(42, ge=0, le=2**31 - 1)
     data: DataParams = DataParams()
@@ -99,6 +110,7 @@ class Params(_Section):
     readouts: list[Readout] = Field(
         default_factory=lambda: ["state_h", "output_last"], min_length=1
     )
+    registry: RegistryParams = RegistryParams()
 
     @model_validator(mode="after")
     def _readouts_fit_cell(self) -> Params:

@@ -17,20 +17,27 @@ from pipeline.stage import PREPARED, RAW, run_stage
 SPLITS = ("train", "val", "test")
 
 
+def sequence_index(order: str, seed: int) -> np.ndarray:
+    """[T, F]: step t, feature f of a sequence reads pixel index[t, f] of the row-major image.
+
+    The served model (pipeline/image_model.py) orders images with the same index.
+    """
+    pixels = np.arange(784)
+    if order == "rows":  # step t reads row t
+        return pixels.reshape(28, 28)
+    if order == "columns":  # step t reads column t
+        return pixels.reshape(28, 28).T
+    if order == "pixels":  # step t reads pixel t in row-major order
+        return pixels.reshape(784, 1)
+    if order == "permuted_pixels":  # one fixed order of the pixels, drawn from the seed
+        return permutation(seed).reshape(784, 1)
+    raise ValueError(f"sequence.order: unknown order {order!r}")
+
+
 def to_sequences(images: np.ndarray, order: str, seed: int) -> np.ndarray:
     """uint8 images [N, 28, 28] -> float32 sequences [N, T, F] in [0, 1]."""
-    x = images.astype(np.float32) / 255.0
-    n = len(x)
-    if order == "rows":  # step t reads row t
-        return np.ascontiguousarray(x)
-    if order == "columns":  # step t reads column t
-        return np.ascontiguousarray(x.transpose(0, 2, 1))
-    flat = x.reshape(n, 784, 1)  # step t reads pixel t in row-major order
-    if order == "pixels":
-        return flat
-    if order == "permuted_pixels":
-        return np.ascontiguousarray(flat[:, permutation(seed)])
-    raise ValueError(f"sequence.order: unknown order {order!r}")
+    x = images.reshape(len(images), 784).astype(np.float32) / 255.0
+    return np.ascontiguousarray(x[:, sequence_index(order, seed)])
 
 
 def permutation(seed: int) -> np.ndarray:

@@ -12,8 +12,6 @@ Not a DVC stage: its input is the MLflow store, which grows with every experimen
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -54,11 +52,6 @@ def label(run: Run) -> str:
     return f"{run.info.run_name} [{run.data.tags.get('dvc.exp_name') or run.info.run_id[:6]}]"
 
 
-def params_hash(run: Run) -> str:
-    """Names the exact configuration: the same params give the same hash, in any store."""
-    return hashlib.sha256(json.dumps(run.data.params, sort_keys=True).encode()).hexdigest()[:10]
-
-
 def table(runs: list[Run], best_val: dict[str, float]) -> str:
     keys = sorted({k for run in runs for k in run.data.params})
     differ = [k for k in keys if len({run.data.params.get(k) for run in runs}) > 1]
@@ -77,7 +70,7 @@ def table(runs: list[Run], best_val: dict[str, float]) -> str:
         val = best_val.get(run.info.run_id)
         cells += [number(run, "test_accuracy", ".4f"), "-" if val is None else f"{val:.4f}"]
         cells += [number(run, "train_seconds", ".1f"), number(run, "samples_per_second", ",.0f")]
-        cells += [number(run, "peak_rss_mib", ",.0f"), f"`{params_hash(run)}`"]
+        cells += [number(run, "peak_rss_mib", ",.0f"), f"`{tracking.params_hash(run.data.params)}`"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

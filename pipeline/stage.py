@@ -17,6 +17,7 @@ LOGS = Path("logs")  # train: <readout>/batches.csv, epochs.csv
 CHECKPOINTS = Path("checkpoints")  # train, while a run is unfinished; not a DVC out
 EVAL = Path("eval")  # evaluate: <readout>/metrics.json, per_class.csv, confusion.*
 COMPARE = Path("reports/compare")  # compare: compare.md, batch_accuracy.png, readout_gap.json
+REGISTRY = Path("reports/registry.json")  # register: what it registered and decided
 EXPERIMENTS = Path("reports/experiments")  # python -m pipeline.report (no stage deletes it)
 
 

@@ -9,6 +9,8 @@ MLFLOW_TRACKING_URI switches to a tracking server; MLFLOW_EXPERIMENT_NAME picks 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import resource
 import sqlite3
@@ -64,8 +66,8 @@ def configure() -> str:
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
     local = uri.startswith("sqlite:")
     # Parallel stages (`dvc queue start -j 2`) would race MLflow's creation of a new SQLite store
-    # (its schema migrations) and of the experiment: a file lock serialises that first contact.
-    with FileLock(root / ".mlflow.db.lock") if local else contextlib.nullcontext():
+    # (its schema migrations) and of the experiment: the lock serialises that first contact.
+    with store_lock(uri):
         if local and (database := make_url(uri).database):
             check_store(Path(database))  # inside the lock: never sees a store half created
         experiment = mlflow.get_experiment_by_name(name)
@@ -79,6 +81,18 @@ def configure() -> str:
                 experiment = mlflow.get_experiment_by_name(name)
                 assert experiment is not None
     return experiment.experiment_id
+
+
+def store_lock(uri: str) -> contextlib.AbstractContextManager:
+    """A lock that parallel stages on this machine share, for the embedded store (else none)."""
+    if uri.startswith("sqlite:"):
+        return FileLock(project_root() / ".mlflow.db.lock")
+    return contextlib.nullcontext()
+
+
+def params_hash(params: dict[str, str]) -> str:
+    """Names the exact configuration: the same logged params give the same hash, in any store."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def check_server(uri: str) -> None:

@@ -1,0 +1,232 @@
+"""Stage 6, register: each readout's model -> a version of a registered model, and its aliases.
+
+Each trained readout's network is logged as an image model (pipeline/image_model.py: images
+[N, 28, 28] in, class probabilities out) and registered as a new version of `registry.name`
+(default rnn-<dataset>), tagged with what a reviewer needs. The best version of this run becomes
+alias `challenger`. It becomes `champion` only if it beats the current champion by more than
+registry.min_improvement in test accuracy on this run's test images (the champion is scored again
+when it was tested on other images), and a model trained on the bundled subset never displaces
+one trained on full-size data. Every decision is printed, tagged on the versions and written to
+reports/registry.json. A rerun registers nothing twice: versions are found by their run id.
+Params: readouts, registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
+
+from pipeline import params as P
+from pipeline import tracking
+from pipeline.io import load_npz, read_json, write_json
+from pipeline.preprocess import sequence_index
+from pipeline.stage import EVAL, MODELS, PREPARED, RAW, REGISTRY, ConfigError, run_stage
+
+IMAGE_MODEL = Path(__file__).with_name("image_model.py")  # stored with the model as its code
+FASHION_CLASSES = [
+    *("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"),
+    *("Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+]
+SIGNATURE = ModelSignature(
+    inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
+    outputs=Schema(
+        [
+            TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities"),
+            TensorSpec(np.dtype(np.int64), (-1,), "class"),
+        ]
+    ),
+)
+
+
+def log_image_model(
+    readout: str, run_id: str, index: np.ndarray, dataset: str, example: np.ndarray
+) -> str:
+    """Log the readout's network, wrapped to take images, into its run; return the model URI."""
+    classes = FASHION_CLASSES if dataset == "fashion_mnist" else [str(c) for c in range(10)]
+    spec = {"index": index.tolist(), "dataset": dataset, "classes": classes}
+    from pipeline.tf import keras, tf  # only to pin the versions the model needs
+
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        (Path(tmp) / "sequence.json").write_text(json.dumps(spec))
+        info = mlflow.pyfunc.log_model(
+            name="image_model",
+            python_model=str(IMAGE_MODEL),
+            artifacts={
+                "network": str(MODELS / readout / "model.keras"),
+                "sequence": f"{tmp}/sequence.json",
+            },
+            signature=SIGNATURE,
+            input_example=example,  # MLflow runs it once: the logged model is known to load
+            metadata={
+                "dataset": dataset,
+                "classes": classes,
+                "input": "images [N, 28, 28], float32, pixel values 0-255 or 0-1, ink bright",
+            },
+            pip_requirements=[
+                f"mlflow=={mlflow.__version__}",
+                f"tensorflow=={tf.__version__}",
+                f"keras=={keras.__version__}",
+            ],
+        )
+    return info.model_uri
+
+
+def accuracy(model_uri: str, images: np.ndarray, labels: np.ndarray) -> float:
+    predicted = mlflow.pyfunc.load_model(model_uri).predict(images.astype(np.float32))["class"]
+    return float(np.mean(predicted == labels))
+
+
+def decide(
+    client: MlflowClient,
+    name: str,
+    challenger: ModelVersion,
+    test: dict[str, np.ndarray],
+    margin: float,
+) -> tuple[bool, str]:
+    """Whether the challenger becomes champion, and why."""
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return True, "first model: there was no champion"
+    if champion.version == challenger.version:
+        return True, "already the champion"
+    new, old = challenger.tags, champion.tags
+    if new["data.source"] == "bundled" and old["data.source"] != "bundled":
+        return False, (
+            f"trained on the bundled subset, while champion v{champion.version} was trained on "
+            f"full-size data ({old['data.source']}): a subset never displaces it"
+        )
+    if old.get("test_data.sha256") == new["test_data.sha256"]:
+        old_accuracy, basis = float(old["test_accuracy"]), "the same test images"
+    else:  # tested on other images: score it again on this run's, so like is compared with like
+        old_accuracy = accuracy(
+            f"models:/{name}/{champion.version}", test["x_test"], test["y_test"]
+        )
+        basis = f"champion re-scored on this run's {len(test['y_test']):,} test images"
+    gain = float(new["test_accuracy"]) - old_accuracy
+    versus = (
+        f"test accuracy {float(new['test_accuracy']):.4f} vs champion v{champion.version}'s "
+        f"{old_accuracy:.4f} ({basis})"
+    )
+    if gain > 0 and gain >= margin:
+        return True, f"{versus}: better by {gain:.4f}"
+    return False, f"{versus}: not better by more than registry.min_improvement {margin}"
+
+
+def register(
+    client: MlflowClient, name: str, tags: dict[str, str], make_uri: Callable[[], str]
+) -> tuple[ModelVersion, bool]:
+    """(version, newly registered): the run's version if it has one, else a new one."""
+    query = f"name = '{name}' and run_id = '{tags['run_id']}'"
+    found = client.search_model_versions(query)
+    if found:
+        return found[0], False
+    version = mlflow.register_model(make_uri(), name, tags=tags)
+    return client.get_model_version(name, version.version), True
+
+
+def main() -> None:
+    params = P.load()
+    dataset = params.data.dataset
+    name = params.registry.model_name(dataset)
+    meta = read_json(PREPARED / "meta.json")
+    test = load_npz(RAW / "dataset.npz", ("x_test", "y_test"))
+    test_sha = hashlib.sha256(test["x_test"].tobytes() + test["y_test"].tobytes()).hexdigest()
+    index = sequence_index(meta["order"], params.seed)
+    example = test["x_test"][:2].astype(np.float32)  # two real test images, 0-255
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # stage logs, not a terminal
+    # MLflow asks for type hints on predict(), which it would then use instead of the signature.
+    warnings.filterwarnings("ignore", "Add type hints to the `predict` method", UserWarning)
+    uri = tracking.tracking_uri()
+    tracking.configure()
+    client = MlflowClient()
+
+    # Parallel experiments (`dvc queue start -j 2`) must not both take the champion alias.
+    with tracking.store_lock(uri):
+        with contextlib.suppress(MlflowException):  # it exists already
+            client.create_registered_model(name, description=f"{dataset} classifiers: images in")
+        others = {
+            v.tags.get("data.dataset") for v in client.search_model_versions(f"name = '{name}'")
+        }
+        if others - {dataset, None}:
+            raise ConfigError(
+                f"registry.name {name!r} holds {', '.join(sorted(others - {None}))} models, not "
+                f"{dataset}: models of two datasets never compete; choose another registry.name"
+            )
+        versions = []
+        for readout in params.readouts:
+            run = read_json(MODELS / readout / "run.json")
+            logged = client.get_run(run["run_id"])
+            accuracy_ = read_json(EVAL / readout / "metrics.json")["test_accuracy"]
+            tags = {
+                "readout": readout,
+                "model.cell": params.model.cell,
+                "sequence.order": meta["order"],
+                "test_accuracy": str(accuracy_),
+                "data.dataset": dataset,
+                "data.source": meta["source"]["source"],
+                "data.sha256": meta["sha256"],
+                "test_data.sha256": test_sha,
+                "git.commit": logged.data.tags.get("git.commit", "unknown"),
+                "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
+                "params_hash": tracking.params_hash(logged.data.params),
+                "run_id": run["run_id"],
+            }
+            version, new = register(
+                client,
+                name,
+                tags,
+                lambda r=readout, i=run["run_id"]: log_image_model(r, i, index, dataset, example),
+            )
+            print(
+                f"register {readout}: {name} v{version.version} "
+                + ("registered" if new else "already registered for this run")
+                + f", test accuracy {float(version.tags['test_accuracy']):.4f}"
+            )
+            versions.append(version)
+
+        challenger = max(versions, key=lambda v: float(v.tags["test_accuracy"]))
+        client.set_registered_model_alias(name, "challenger", challenger.version)
+        takes, reason = decide(client, name, challenger, test, params.registry.min_improvement)
+        if takes:
+            client.set_registered_model_alias(name, "champion", challenger.version)
+        decision = "champion" if takes else "challenger"
+        client.set_model_version_tag(name, challenger.version, "registry.decision", decision)
+        client.set_model_version_tag(name, challenger.version, "registry.reason", reason)
+        champion = client.get_model_version_by_alias(name, "champion")
+    if takes:
+        print(f"register: {name} v{challenger.version} is the champion: {reason}")
+    else:
+        print(
+            f"register: {name} v{challenger.version} is the challenger, "
+            f"v{champion.version} stays champion: {reason}"
+        )
+    write_json(
+        REGISTRY,
+        {
+            "name": name,
+            "versions": {v.tags["readout"]: int(v.version) for v in versions},
+            "challenger": int(challenger.version),
+            "champion": int(champion.version),
+            "decision": decision,
+            "reason": reason,
+        },
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)

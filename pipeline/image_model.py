@@ -38,7 +38,9 @@ class ImageClassifier(PythonModel):
         signature = [tf.TensorSpec([None, steps, features], tf.float32)]
         self.logits = tf.function(lambda x: self.network(x, training=False), signature)
 
-    def predict(self, context, model_input, params=None):  # no hints: MLflow would read them
+    def predict(
+        self, context: PythonModelContext, model_input: np.ndarray, params: dict | None = None
+    ) -> dict[str, np.ndarray]:  # an ndarray hint: MLflow checks the signature, not the hint
         images = np.asarray(model_input, dtype=np.float32)
         if images.ndim == 2:
             images = images[None]

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -149,8 +148,6 @@ def main() -> None:
     index = sequence_index(meta["order"], params.seed)
     example = test["x_test"][:2].astype(np.float32)  # two real test images, 0-255
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # stage logs, not a terminal
-    # MLflow asks for type hints on predict(), which it would then use instead of the signature.
-    warnings.filterwarnings("ignore", "Add type hints to the `predict` method", UserWarning)
     uri = tracking.tracking_uri()
     tracking.configure()
     client = MlflowClient()

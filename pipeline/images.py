@@ -47,7 +47,10 @@ def read_images(path: Path, dataset: str) -> list[tuple[str, np.ndarray]]:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     data = _read_bytes(path)
     if data.startswith(GZIP_MAGIC):
-        return _idx_images(_gunzip(data, path), path)
+        data = _gunzip(data, path)
+        if not data.startswith(b"\x00\x00"):
+            raise DataError(f"{path}: a gzip file, but not of IDX images; accepted: {ACCEPTED}")
+        return _idx_images(data, path)
     if data.startswith(b"\x00\x00"):  # IDX of any type: _idx_images names what it holds
         return _idx_images(data, path)
     if data.startswith(NPY_MAGIC):
@@ -83,10 +86,8 @@ def _gunzip(data: bytes, path: Path) -> bytes:
 
 def _idx_images(data: bytes, path: Path) -> list[tuple[str, np.ndarray]]:
     """datasets.read_idx's header checks, on bytes: raw and gzipped files, and any dims named."""
-    if len(data) < 4 or not data.startswith(b"\x00\x00"):
-        raise DataError(
-            f"{path}: not an image or array we read (magic {data[:4].hex()}); accepted: {ACCEPTED}"
-        )
+    if len(data) < 4:
+        raise DataError(f"{path}: IDX header cut short ({len(data)} bytes)")
     if data[2] != 0x08:
         raise DataError(f"{path}: IDX data not of unsigned bytes (magic {data[:4].hex()})")
     ndim = data[3]

@@ -41,8 +41,9 @@ SERVER_TIMEOUT = 5.0  # seconds a tracking server gets to answer before a stage 
 
 
 def project_root() -> Path:
-    """The repository root, also from inside a `dvc exp run --temp/--queue` copy."""
+    """The repository root: from any folder inside it, and from a `dvc exp run --temp` copy."""
     root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    root = next((p for p in (root, *root.parents) if (p / ".dvc").is_dir()), root)
     parts = root.parts
     for i in range(len(parts) - 2):
         if parts[i : i + 3] == (".dvc", "tmp", "exps"):

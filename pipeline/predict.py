@@ -1,0 +1,94 @@
+"""Classify image files: python -m pipeline.predict FILE... [--model URI] [--json].
+
+The default model is the registry's champion, models:/<registry.name>@champion (rnn-mnist unless
+params.yaml says otherwise), found in the project's store from any folder inside the repository.
+--model takes any MLflow model URI (models:/rnn-mnist/3, models:/m-...) or a local model folder.
+Reads PNG and JPEG of any size and colour, converted the way the model's dataset was made, and
+.npy/.npz arrays and IDX files of 28x28 images (pipeline/images.py). Prints one line per image:
+file, class (and its name for Fashion-MNIST), probability. A file it cannot read gets one
+`error:` line; the other files are still classified, and the exit code is then 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import params as P
+from pipeline import tracking
+from pipeline.images import read_images
+from pipeline.stage import ConfigError, DataError, run_stage
+
+
+def load(model: str | None):  # -> mlflow.pyfunc.PyFuncModel
+    """The model to use, without ever creating an MLflow store on the way."""
+    import mlflow
+
+    from pipeline.tf import keras  # noqa: F401  TensorFlow imported quietly, before the model does
+
+    if model and Path(model).is_dir():
+        uri = model
+    else:
+        root = tracking.project_root()
+        store = tracking.tracking_uri()
+        if store.startswith("sqlite:") and not (root / "mlflow.db").exists():
+            raise ConfigError(
+                f"no MLflow store at {root / 'mlflow.db'}: run `dvc repro` in the project first, "
+                "set MLFLOW_TRACKING_URI, or pass --model with a local model folder"
+            )
+        mlflow.set_tracking_uri(store)
+        if model is None:
+            params = P.load(root / P.PARAMS_FILE)
+            model = f"models:/{params.registry.model_name(params.data.dataset)}@champion"
+        uri = model
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        loaded = mlflow.pyfunc.load_model(uri)
+    except Exception as exc:  # MLflow raises many kinds: not found, no such alias, bad folder
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--model {uri}: cannot be loaded ({first})") from None
+    if "dataset" not in (loaded.metadata.metadata or {}):
+        raise ConfigError(f"--model {uri}: not an image model (registered by pipeline.register)")
+    return loaded
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    parser.add_argument("--model", help="an MLflow model URI or a local model folder")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    args = parser.parse_args()
+    model = load(args.model)
+    meta = model.metadata.metadata
+    labels, images, failed = [], [], 0
+    for path in args.files:
+        try:
+            found = read_images(path, meta["dataset"])
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        labels += [label for label, _ in found]
+        images += [image for _, image in found]
+    if images:
+        out = model.predict(np.stack(images).astype(np.float32))
+        for label, cls, probs in zip(labels, out["class"], out["probabilities"], strict=True):
+            name, p = meta["classes"][int(cls)], float(probs[cls])
+            if args.json:
+                print(
+                    json.dumps({"file": label, "class": int(cls), "name": name, "probability": p})
+                )
+            else:
+                named = f" {name}" if name != str(cls) else ""
+                print(f"{label}: {cls}{named} ({p:.3f})")
+    if failed:
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -29,8 +29,6 @@ def load(model: str | None):  # -> mlflow.pyfunc.PyFuncModel
     """The model to use, without ever creating an MLflow store on the way."""
     import mlflow
 
-    from pipeline.tf import keras  # noqa: F401  TensorFlow imported quietly, before the model does
-
     if model and Path(model).is_dir():
         uri = model
     else:
@@ -47,6 +45,8 @@ def load(model: str | None):  # -> mlflow.pyfunc.PyFuncModel
             model = f"models:/{params.registry.model_name(params.data.dataset)}@champion"
         uri = model
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    from pipeline.tf import keras  # noqa: F401  TensorFlow imported quietly, before the model does
+
     try:
         loaded = mlflow.pyfunc.load_model(uri)
     except Exception as exc:  # MLflow raises many kinds: not found, no such alias, bad folder

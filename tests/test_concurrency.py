@@ -1,4 +1,5 @@
-"""Parallel experiments on the embedded SQLite store lose nothing, with two `mlflow ui` readers.
+"""Parallel experiments on the embedded SQLite store lose nothing, with two `mlflow ui` readers;
+the registry ends with every version once and the best one as champion.
 
 `dvc exp run --queue` x4, then `dvc queue start -j 2`: every run and every metric point must land,
 while two `mlflow ui` processes read the same store over their REST API the whole time.
@@ -114,3 +115,10 @@ def test_queued_experiments_in_parallel_lose_no_run_and_no_point(tmp_path: Path)
             "val_accuracy": 1,
             "test_accuracy": 1,
         }, counts
+
+    # The register stages of parallel experiments: every version there once, the best champion.
+    versions = client.search_model_versions("name = 'rnn-mnist'")
+    assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs)
+    best = max(r.data.metrics["test_accuracy"] for r in runs)
+    champion = client.get_model_version_by_alias("rnn-mnist", "champion")
+    assert float(champion.tags["test_accuracy"]) == best, [v.tags for v in versions]

@@ -6,14 +6,21 @@ Small params (bundled MNIST subset, 1 epoch) keep it to a few minutes on 2 cores
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import keras
 import mlflow
 import numpy as np
 import pytest
-from helpers import assert_no_tf_noise, copy_project, dvc, run_stage
+from helpers import assert_no_tf_noise, clean_env, copy_project, dvc, free_port, run_stage
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from pipeline import params as P
 from pipeline import tracking
@@ -75,6 +82,37 @@ def test_one_finished_run_per_readout_with_params_and_tags(
         assert evaluated["test_accuracy"] > 0.5  # one epoch on 3,600 digits learns something
     # Artifacts live in the repo root, where `mlflow ui` started there finds them.
     assert (repo / "mlruns").is_dir()
+
+
+def champion_of(repo: Path) -> tuple[str, str]:
+    """(registered model name, champion's version) from the register stage's report."""
+    registry = json.loads((repo / "reports/registry.json").read_text())
+    return registry["name"], str(registry["champion"])
+
+
+def test_register_makes_two_versions_and_a_champion_and_reruns_register_nothing_twice(
+    repo: Path, client: MlflowClient
+) -> None:
+    registry = json.loads((repo / "reports/registry.json").read_text())
+    assert registry["name"] == "rnn-mnist"
+    versions = client.search_model_versions("name = 'rnn-mnist'")
+    by_run = {v.run_id: v for v in versions}
+    for readout in ("state_h", "output_last"):
+        run_id = json.loads((repo / "models" / readout / "run.json").read_text())["run_id"]
+        tags = by_run[run_id].tags
+        metrics = json.loads((repo / "eval" / readout / "metrics.json").read_text())
+        assert (
+            tags["readout"] == readout and float(tags["test_accuracy"]) == metrics["test_accuracy"]
+        )
+        assert tags["data.source"] == "bundled" and len(tags["git.commit"]) == 40
+        assert len(tags["params_hash"]) == 10 and len(tags["test_data.sha256"]) == 64
+    champion = client.get_model_version_by_alias("rnn-mnist", "champion")
+    assert champion.tags["registry.reason"] == "first model: there was no champion"
+    assert client.get_model_version_by_alias("rnn-mnist", "challenger").version == champion.version
+    count = len(versions)
+    out = dvc("repro", "-f", "-s", "register", cwd=repo)  # this stage alone
+    assert out.stdout.count("already registered for this run") == 2, out.stdout
+    assert len(client.search_model_versions("name = 'rnn-mnist'")) == count
 
 
 def test_batch_accuracy_is_each_batch_own_accuracy(repo: Path, client: MlflowClient) -> None:
@@ -178,7 +216,9 @@ def test_temp_experiment_lands_in_the_root_store(repo: Path, client: MlflowClien
     assert "test_accuracy" in run.data.metrics  # evaluate found the run that train opened
     assert run.info.artifact_uri.startswith((repo / "mlruns").as_uri())
     query = f"source_run_id = '{run.info.run_id}'"
-    (logged,) = client.search_logged_models([experiment_id], filter_string=query)
+    logged_models = client.search_logged_models([experiment_id], filter_string=query)
+    assert sorted(m.name for m in logged_models) == ["image_model", "model"]  # train's, register's
+    (logged,) = [m for m in logged_models if m.name == "model"]
     x = np.zeros((1, 28, 28), np.float32)
     assert np.asarray(mlflow.pyfunc.load_model(f"models:/{logged.model_id}").predict(x)).shape == (
         1,
@@ -201,3 +241,92 @@ def test_an_experiment_that_repeats_earlier_params_gets_its_own_mlflow_run(
     assert len({r.data.tags["dvc.exp_name"] for r in runs}) == 2
     assert all("test_accuracy" in r.data.metrics for r in runs)
     assert runs[0].data.metrics["test_accuracy"] == runs[1].data.metrics["test_accuracy"]
+
+
+def test_the_champion_takes_images_and_scores_exactly_what_evaluate_scored(
+    repo: Path, client: MlflowClient
+) -> None:
+    name, version = champion_of(repo)
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    with np.load(repo / "data/raw/dataset.npz", allow_pickle=False) as raw:
+        images, labels = raw["x_test"], raw["y_test"]
+    predicted = model.predict(images.astype(np.float32))["class"]
+    readout = client.get_model_version(name, version).tags["readout"]
+    evaluated = json.loads((repo / "eval" / readout / "metrics.json").read_text())
+    assert float(np.mean(predicted == labels)) == evaluated["test_accuracy"]
+
+
+def digit_pngs(repo: Path, folder: Path, n: int = 20) -> tuple[list[str], np.ndarray]:
+    """Test digits as people have them: big, inverted, coloured, on light paper, as JPEG."""
+    with np.load(repo / "data/raw/dataset.npz", allow_pickle=False) as raw:
+        digits = raw["x_test"][:n]
+    names = []
+    for i, digit in enumerate(digits):
+        image = Image.fromarray(digit)
+        variant = i % 4
+        if variant == 1:  # black ink on white paper, 10x larger
+            image = Image.fromarray(255 - digit).resize((280, 280), Image.LANCZOS)
+        if variant == 2:  # blue ink on light yellow, RGB
+            ink = digit[..., None] / 255.0
+            paper, pen = np.array([250, 240, 190]), np.array([20, 30, 140])
+            image = Image.fromarray((paper * (1 - ink) + pen * ink).astype(np.uint8))
+            image = image.resize((112, 112), Image.BICUBIC)
+        name = f"digit{i}.{'jpg' if variant == 3 else 'png'}"
+        image.save(folder / name, quality=95) if variant == 3 else image.save(folder / name)
+        names.append(name)
+    return names, digits
+
+
+def test_predict_classifies_image_files_as_the_arrays_from_any_folder(repo: Path) -> None:
+    folder = repo / "drawings"
+    folder.mkdir(exist_ok=True)
+    names, digits = digit_pngs(repo, folder)
+    np.save(folder / "digits.npy", digits)
+    out = run_stage("predict", folder, *names, "digits.npy", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    from_files = [r["class"] for r in rows[: len(names)]]
+    from_arrays = [r["class"] for r in rows[len(names) :]]
+    agree = np.mean(np.array(from_files) == np.array(from_arrays))
+    assert agree >= 0.9, (from_files, from_arrays)  # resampling moves a few pixels
+    assert not (folder / "mlflow.db").exists()  # the project's store, found from a subfolder
+
+
+def test_mlflow_models_serve_answers_like_predict(repo: Path) -> None:
+    name, _ = champion_of(repo)
+    port, log = free_port(), repo.parent / "serve.log"
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion"]
+    command += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    env = clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")
+    with log.open("w") as err:
+        server = subprocess.Popen(
+            command, cwd=repo, env=env, stdout=err, stderr=err, start_new_session=True
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        started = log.stat().st_size
+        with np.load(repo / "data/raw/dataset.npz", allow_pickle=False) as raw:
+            images = raw["x_test"][:20]
+        body = json.dumps({"inputs": images.tolist()}).encode()
+        headers = {"Content-Type": "application/json"}
+        for _ in range(3):
+            request = urllib.request.Request(f"{url}/invocations", data=body, headers=headers)
+            with urllib.request.urlopen(request, timeout=60) as response:
+                served = json.loads(response.read())["predictions"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    np.save(repo / "served.npy", images)
+    local = run_stage("predict", repo, "served.npy", "--json")
+    expected = [json.loads(line)["class"] for line in local.stdout.splitlines()]
+    assert served["class"] == expected
+    np.testing.assert_allclose(np.sum(served["probabilities"], axis=1), 1, rtol=1e-5)
+    per_call = log.read_bytes()[started:].decode(errors="replace")  # written while answering
+    assert "step/step" not in per_call and "it/s" not in per_call, per_call

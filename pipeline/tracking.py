@@ -42,8 +42,11 @@ SERVER_TIMEOUT = 5.0  # seconds a tracking server gets to answer before a stage 
 
 def project_root() -> Path:
     """The repository root: from any folder inside it, and from a `dvc exp run --temp` copy."""
-    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
-    root = next((p for p in (root, *root.parents) if (p / ".dvc").is_dir()), root)
+    if dvc_root := os.environ.get("DVC_ROOT"):  # set by DVC for the stages it runs
+        root = Path(dvc_root).resolve()
+    else:  # the nearest folder up from here that holds .dvc/
+        here = Path.cwd().resolve()
+        root = next((p for p in (here, *here.parents) if (p / ".dvc").is_dir()), here)
     parts = root.parts
     for i in range(len(parts) - 2):
         if parts[i : i + 3] == (".dvc", "tmp", "exps"):

@@ -26,6 +26,9 @@ def test_project_root_is_the_workspace_even_inside_a_dvc_temp_copy(
     temp_copy.mkdir(parents=True)
     monkeypatch.chdir(temp_copy)
     assert tracking.project_root() == isolated
+    (isolated / "sub" / "dir").mkdir(parents=True)
+    monkeypatch.chdir(isolated / "sub" / "dir")  # from any folder inside the repository
+    assert tracking.project_root() == isolated
     monkeypatch.setenv("DVC_ROOT", str(isolated / "elsewhere"))
     assert tracking.project_root() == isolated / "elsewhere"
 
@@ -88,6 +91,7 @@ def test_a_silent_tracking_server_fails_within_the_timeout(
     listener.close()
 
 
+@pytest.mark.slow  # four processes importing MLflow together: ~12 s
 def test_parallel_stages_creating_a_fresh_store_at_once_all_succeed(isolated: Path) -> None:
     """Without the lock, MLflow's schema migrations race (alembic CommandError) and stages die."""
     code = (

@@ -204,6 +204,10 @@ def main() -> None:
         decision = "champion" if takes else "challenger"
         client.set_model_version_tag(name, challenger.version, "registry.decision", decision)
         client.set_model_version_tag(name, challenger.version, "registry.reason", reason)
+        for other in (v for v in versions if v.version != challenger.version):
+            why = f"v{challenger.version} of the same run is the challenger (the best, or first)"
+            client.set_model_version_tag(name, other.version, "registry.decision", "none")
+            client.set_model_version_tag(name, other.version, "registry.reason", why)
         champion = client.get_model_version_by_alias(name, "champion")
     if takes:
         print(f"register: {name} v{challenger.version} is the champion: {reason}")

@@ -3,9 +3,9 @@
 from collections.abc import Iterator
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
+from helpers import working_in
 
 from pipeline import datasets
 
@@ -16,10 +16,7 @@ def bundled_data() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture
-def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+def isolated(tmp_path: Path) -> Iterator[Path]:
     """tmp_path as the working directory, without the caller's MLflow/DVC settings."""
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_ROOT", "DVC_EXP_NAME"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
-    yield tmp_path
-    mlflow.set_tracking_uri(None)  # the next test starts from MLflow's default again
+    with working_in(tmp_path) as root:
+        yield root

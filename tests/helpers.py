@@ -5,15 +5,18 @@ Fixtures built on these live in conftest.py; module-scoped fixtures call these d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from ruamel.yaml import YAML
 
 from pipeline import params as P
@@ -117,3 +120,39 @@ def write_prepared(root: Path, n: int = 20) -> None:
     source = {"source": "bundled", "dataset": "mnist"}
     meta = {"order": "rows", "sha256": "0" * 64, "source": source}
     write_json(root / "data/prepared/meta.json", meta)
+
+
+SETTINGS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_ROOT", "DVC_EXP_NAME")
+
+
+@contextlib.contextmanager
+def working_in(root: Path) -> Iterator[Path]:
+    """root as the working folder, without the caller's MLflow/DVC settings; restored after."""
+    import mlflow
+
+    with pytest.MonkeyPatch.context() as mp:
+        for var in SETTINGS:
+            mp.setenv(var, "")  # recorded first, so that what MLflow sets is undone as well
+            mp.delenv(var)
+        mp.chdir(root)
+        yield root
+    mlflow.set_tracking_uri(None)
+
+
+def log_small_image_model(root: Path, example: np.ndarray) -> str:
+    """An untrained small GRU, logged as the register stage logs a model, in root's store."""
+    import keras
+    import mlflow
+
+    from pipeline import register, tracking
+    from pipeline.model import build_model
+    from pipeline.preprocess import sequence_index
+
+    tracking.configure()
+    keras.utils.set_random_seed(0)
+    (root / "models/state_h").mkdir(parents=True)
+    build_model(28, 28, "gru", "state_h", 6, 5).save(root / "models/state_h/model.keras")
+    with mlflow.start_run() as run:
+        pass
+    index = sequence_index("rows", 0)
+    return register.log_image_model("state_h", run.info.run_id, index, "mnist", example)

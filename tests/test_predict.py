@@ -7,39 +7,19 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import keras
 import mlflow
 import numpy as np
 import pytest
-from helpers import run_stage
+from helpers import log_small_image_model, run_stage, working_in
 from PIL import Image
-
-from pipeline import register, tracking
-from pipeline.model import build_model
-from pipeline.preprocess import sequence_index
 
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A small untrained image model, logged as register logs it, then downloaded to a folder."""
-    root = tmp_path_factory.mktemp("store")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_ROOT", "DVC_EXP_NAME"):
-            mp.delenv(var, raising=False)
-        mp.chdir(root)
-        tracking.configure()
-        keras.utils.set_random_seed(0)
-        (root / "models/state_h").mkdir(parents=True)
-        build_model(28, 28, "gru", "state_h", 6, 5).save(root / "models/state_h/model.keras")
-        with mlflow.start_run() as run:
-            pass
-        example = np.zeros((1, 28, 28), np.float32)
-        uri = register.log_image_model(
-            "state_h", run.info.run_id, sequence_index("rows", 0), "mnist", example
-        )
-        folder = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(root / "download")))
-        yield folder
-    mlflow.set_tracking_uri(None)
+    with working_in(tmp_path_factory.mktemp("store")) as root:
+        uri = log_small_image_model(root, np.zeros((1, 28, 28), np.float32))
+        yield Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(root / "download")))
 
 
 def test_unreadable_files_get_one_error_line_each_and_the_rest_is_classified(

@@ -7,41 +7,22 @@ import re
 from collections.abc import Iterator
 from typing import NamedTuple
 
-import keras
 import mlflow
 import numpy as np
 import pytest
+from helpers import log_small_image_model, working_in
 from mlflow.tracking import MlflowClient
 
-from pipeline import register, tracking
-from pipeline.model import build_model
-from pipeline.preprocess import sequence_index
+from pipeline import register
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """A store with one logged image model (a small untrained GRU), and test images for it."""
-    root = tmp_path_factory.mktemp("store")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_ROOT", "DVC_EXP_NAME"):
-            mp.delenv(var, raising=False)
-        mp.chdir(root)
-        tracking.configure()
-        keras.utils.set_random_seed(0)
-        (root / "models/state_h").mkdir(parents=True)
-        build_model(28, 28, "gru", "state_h", 6, 5).save(root / "models/state_h/model.keras")
-        rng = np.random.default_rng(0)
-        test = {
-            "x_test": rng.integers(0, 256, (30, 28, 28), np.uint8),
-            "y_test": np.arange(30) % 10,
-        }
-        with mlflow.start_run() as run:
-            pass
-        example = test["x_test"][:2].astype(np.float32)
-        index = sequence_index("rows", 0)
-        uri = register.log_image_model("state_h", run.info.run_id, index, "mnist", example)
-        yield uri, test
-    mlflow.set_tracking_uri(None)
+    rng = np.random.default_rng(0)
+    test = {"x_test": rng.integers(0, 256, (30, 28, 28), np.uint8), "y_test": np.arange(30) % 10}
+    with working_in(tmp_path_factory.mktemp("store")) as root:
+        yield log_small_image_model(root, test["x_test"][:2].astype(np.float32)), test
 
 
 class Registry(NamedTuple):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from helpers import clean_env, free_port, run_stage, write_params, write_prepared
+from helpers import clean_env, free_port, run_stage, working_in, write_params, write_prepared
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
@@ -128,11 +128,7 @@ OLDER_REVISION = "75868b020152"  # mlflow/store/db_migrations/versions: the one 
 def intact_store(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """The bytes of a real store made by tracking.configure(), built once for the damage tests."""
     root = tmp_path_factory.mktemp("intact")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_ROOT", "DVC_EXP_NAME"):
-            mp.setenv(var, "")  # recorded, so the original comes back even after MLflow sets it
-            mp.delenv(var)
-        mp.chdir(root)
+    with working_in(root):
         tracking.configure()
     return (root / "mlflow.db").read_bytes()
 

@@ -8,6 +8,7 @@ MLFLOW_TRACKING_URI switches to a tracking server; MLFLOW_EXPERIMENT_NAME picks 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -100,12 +101,35 @@ def params_hash(params: dict[str, str]) -> str:
 
 
 def check_server(uri: str) -> None:
-    """Fail in seconds, before any training, if no tracking server answers at `uri`."""
+    """Fail in seconds, before any training, if no tracking server answers at `uri` or it
+    refuses this client's login (MLflow's basic-auth answers 401 or 403)."""
     seconds = SERVER_TIMEOUT
+    # An API call, not /health: a server with logins lets anyone see /health.
+    request = urllib.request.Request(
+        f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1"
+    )
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {token}")
+    elif user:
+        login = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
+        request.add_header("Authorization", f"Basic {base64.b64encode(login).decode()}")
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=seconds).close()
-    except urllib.error.HTTPError:
-        return  # it answered (perhaps asking for credentials): a server is there
+        urllib.request.urlopen(request, timeout=seconds).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            who = (
+                f"refused user {user!r}: check MLFLOW_TRACKING_PASSWORD"
+                if user
+                else ("asks for a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+            )
+            raise ConfigError(f"MLFLOW_TRACKING_URI={uri}: the server {who} (HTTP 401)") from None
+        if exc.code == 403:
+            raise ConfigError(
+                f"MLFLOW_TRACKING_URI={uri}: user {user!r} may not read experiments there "
+                "(HTTP 403): ask the server's admin for permission"
+            ) from None
+        return  # another answer (an older server without this endpoint?): a server is there
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ConfigError(

@@ -1,11 +1,15 @@
 """MLflow configuration: where the store is, where artifacts go, and buffered metric logging."""
 
+import base64
+import http.server
 import os
 import random
+import re
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -218,3 +222,58 @@ def test_train_on_a_corrupt_store_exits_2_with_one_error_line_before_training(
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "models").exists() and not (tmp_path / "checkpoints").exists()
     assert db.read_bytes() == before and db.stat().st_mtime_ns == mtime
+
+
+class LoginServer(http.server.BaseHTTPRequestHandler):
+    """Answers like MLflow's basic-auth app: /health for anyone, the API only for alice:secret
+    (and 403 for bob, who may not read experiments)."""
+
+    def do_GET(self) -> None:
+        logins = {"alice:secret": 200, "bob:secret": 403}
+        given = self.headers.get("Authorization", "").removeprefix("Basic ")
+        login = base64.b64decode(given).decode() if given else ""
+        code = 200 if self.path == "/health" else logins.get(login, 401)
+        self.send_response(code)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("login", "message"),
+    [
+        (
+            None,
+            "the server asks for a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD",
+        ),
+        (("alice", "wrong"), "the server refused user 'alice': check MLFLOW_TRACKING_PASSWORD"),
+        (("bob", "secret"), "user 'bob' may not read experiments there (HTTP 403)"),
+        (("alice", "secret"), None),
+    ],
+)
+def test_a_server_that_refuses_the_login_stops_the_stage_in_one_line(
+    isolated: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    login: tuple[str, str] | None,
+    message: str | None,
+) -> None:
+    """/health answers anyone on a server with logins, so the check asks the API with the login."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoginServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    if login:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", login[0])
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", login[1])
+    try:
+        if message is None:
+            tracking.check_server(uri)  # the login works: no error
+        else:
+            with pytest.raises(ConfigError, match=re.escape(message)):
+                tracking.check_server(uri)
+    finally:
+        server.shutdown()
+        server.server_close()

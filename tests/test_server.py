@@ -1,0 +1,161 @@
+"""A team's tracking server: `mlflow server` on PostgreSQL with artifacts served by the server,
+with and without logins, and the real pipeline against it.
+
+PostgreSQL comes from .ci/run, which starts the cluster and sets TEST_POSTGRES_URL; with CI set, a
+missing database fails these tests instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import clean_env, copy_project, free_port, run_stage, sh
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+SMALL = {"data": {"source": "bundled"}, "train": {"epochs": 1}}
+ADMIN = ("admin", "Adm1n-password-for-tests")
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test's server; dropped afterwards."""
+    url = os.environ.get("TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("TEST_POSTGRES_URL is not set: .ci/run starts PostgreSQL and sets it")
+        pytest.skip("no PostgreSQL: set TEST_POSTGRES_URL (see .ci/run)")
+    import psycopg2
+
+    name = f"mlflow_test_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(url.replace("+psycopg2", ""))
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    yield f"{url.rsplit('/', 1)[0]}/{name}"
+    admin.cursor().execute(f"DROP DATABASE {name} WITH (FORCE)")
+    admin.close()
+
+
+def start_server(database: str, folder: Path, auth: bool = False) -> tuple[subprocess.Popen, str]:
+    """mlflow server on 127.0.0.1 and a free port, storing artifacts itself under folder."""
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", database]
+    command += ["--artifacts-destination", str(folder / "artifacts")]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    env = clean_env()
+    if auth:
+        command += ["--app-name", "basic-auth"]
+        env |= {"MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1], "MLFLOW_FLASK_SERVER_SECRET_KEY": "test"}
+    with (folder / "server.log").open("w") as log:
+        server = subprocess.Popen(
+            command, cwd=folder, env=env, stdout=log, stderr=log, start_new_session=True
+        )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2).close()
+            return server, uri
+        except OSError:
+            time.sleep(0.5)
+    server.kill()
+    raise AssertionError(
+        f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-3000:]}"
+    )
+
+
+@pytest.fixture
+def server(database: str, tmp_path: Path) -> Iterator[str]:
+    (tmp_path / "server").mkdir()
+    process, uri = start_server(database, tmp_path / "server")
+    yield uri
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=60)
+
+
+def test_dvc_repro_lands_runs_points_models_and_registry_on_the_server(
+    server: str, tmp_path: Path
+) -> None:
+    repo = copy_project(tmp_path / "repo", SMALL)
+    env = clean_env(MLFLOW_TRACKING_URI=server)
+    sh(sys.executable, "-m", "dvc", "repro", cwd=repo, env=env)
+
+    client = MlflowClient(server)
+    experiment = client.get_experiment_by_name("rnn-mnist-sequences")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["readout"] for r in runs) == ["output_last", "state_h"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert len(client.get_metric_history(run.info.run_id, "batch_accuracy")) == 29
+        evaluated = json.loads(
+            (repo / "eval" / run.data.tags["readout"] / "metrics.json").read_text()
+        )
+        assert run.data.metrics["test_accuracy"] == evaluated["test_accuracy"]
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # the server stores them
+    versions = client.search_model_versions("name = 'rnn-mnist'")
+    assert len(versions) == 2
+    assert client.get_model_version_by_alias("rnn-mnist", "champion").version == "1"
+    assert not (repo / "mlflow.db").exists() and not (repo / "mlruns").exists()
+
+    report = run_stage("report", repo, env={"MLFLOW_TRACKING_URI": server})
+    assert report.returncode == 0, report.stderr
+    table = (repo / "reports/experiments/report.md").read_text()
+    assert table.startswith("# 2 runs")
+
+
+def test_a_server_with_logins_refuses_a_stage_without_one_in_seconds_and_works_with_it(
+    database: str, tmp_path: Path
+) -> None:
+    (tmp_path / "auth").mkdir()
+    process, uri = start_server(database, tmp_path / "auth", auth=True)
+    try:
+        request = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401
+
+        repo = copy_project(tmp_path / "repo", SMALL)
+        sh(sys.executable, "-m", "pipeline.fetch", cwd=repo)
+        sh(sys.executable, "-m", "pipeline.preprocess", cwd=repo)
+        for login, message in [
+            ({}, "the server asks for a login: set MLFLOW_TRACKING_USERNAME"),
+            (
+                {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"},
+                "the server refused user 'admin': check MLFLOW_TRACKING_PASSWORD",
+            ),
+        ]:
+            start = time.monotonic()
+            out = run_stage(
+                "train", repo, "--readout", "state_h", env={"MLFLOW_TRACKING_URI": uri, **login}
+            )
+            errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+            assert out.returncode == 2 and len(errors) == 1 and message in errors[0], out.stderr
+            assert "Traceback" not in out.stderr
+            assert time.monotonic() - start < 120  # seconds, not a training run
+            assert not (repo / "models").exists()
+
+        login = {"MLFLOW_TRACKING_USERNAME": ADMIN[0], "MLFLOW_TRACKING_PASSWORD": ADMIN[1]}
+        sh(
+            sys.executable,
+            "-m",
+            "dvc",
+            "repro",
+            cwd=repo,
+            env=clean_env(MLFLOW_TRACKING_URI=uri, **login),
+        )
+        registry = json.loads((repo / "reports/registry.json").read_text())
+        assert registry["decision"] == "champion"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)

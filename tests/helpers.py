@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,28 @@ def run_stage(
 
 def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return sh(sys.executable, "-m", "dvc", *args, cwd=cwd)
+
+
+def start_repro(repo: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`dvc repro` in the background, in its own process group (one killpg reaches the stage)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro"],
+        cwd=repo,
+        env=env or clean_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen[bytes], seconds: float = 120) -> bool:
+    """Whether path appears before process ends or the time is up."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        if path.exists():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import clean_env, copy_project, dvc, sh
+from helpers import clean_env, copy_project, dvc, sh, start_repro, wait_for
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
@@ -24,26 +24,6 @@ from pipeline import tracking
 pytestmark = pytest.mark.slow
 PARAMS = {"data": {"source": "bundled"}, "train": {"epochs": 6}, "readouts": ["state_h"]}
 CHECKPOINT = Path("checkpoints/state_h/checkpoint.npz")
-
-
-def start_repro(repo: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro"],
-        cwd=repo,
-        env=clean_env(),
-        start_new_session=True,  # its own process group: one killpg reaches dvc and the stage
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def wait_for(path: Path, process: subprocess.Popen[bytes], seconds: float = 120) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and process.poll() is None:
-        if path.exists():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def curve(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import clean_env, copy_project, free_port, run_stage, sh
+from helpers import clean_env, copy_project, free_port, run_stage, sh, start_repro, wait_for
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -112,6 +112,30 @@ def test_dvc_repro_lands_runs_points_models_and_registry_on_the_server(
     assert report.returncode == 0, report.stderr
     table = (repo / "reports/experiments/report.md").read_text()
     assert table.startswith("# 2 runs")
+
+
+def test_a_killed_training_resumes_into_the_same_run_on_the_server(
+    server: str, tmp_path: Path
+) -> None:
+    params = SMALL | {"train": {"epochs": 8}, "readouts": ["state_h"]}
+    repo = copy_project(tmp_path / "repo", params)
+    env = clean_env(MLFLOW_TRACKING_URI=server)
+    checkpoint = repo / "checkpoints/state_h/checkpoint.npz"
+    process = start_repro(repo, env)
+    assert wait_for(checkpoint, process)
+    time.sleep(1.5)  # inside the training's ~4 s
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    assert checkpoint.exists(), "training had finished before the kill"  # removed at its end
+    sh(sys.executable, "-m", "dvc", "repro", cwd=repo, env=env)
+
+    client = MlflowClient(server)
+    experiment = client.get_experiment_by_name("rnn-mnist-sequences")
+    (run,) = client.search_runs([experiment.experiment_id])  # resumed, not a second run
+    assert run.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "batch_accuracy"))
+    assert steps == list(range(8 * 29))  # every batch once
+    assert run.info.run_id == json.loads((repo / "models/state_h/run.json").read_text())["run_id"]
 
 
 def test_a_server_with_logins_refuses_a_stage_without_one_in_seconds_and_works_with_it(

@@ -73,6 +73,21 @@ def start_repro(repo: Path, env: dict[str, str] | None = None) -> subprocess.Pop
     )
 
 
+def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
+    """Wait until a server we started answers `url`; kill it and fail if it never does."""
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise AssertionError(f"{url}: the server we started did not answer within {seconds:g} s")
+
+
 def wait_for(path: Path, process: subprocess.Popen[bytes], seconds: float = 120) -> bool:
     """Whether path appears before process ends or the time is up."""
     deadline = time.monotonic() + seconds

@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import clean_env, copy_project, dvc, free_port
+from helpers import clean_env, copy_project, dvc, free_port, wait_until_up
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
@@ -37,15 +37,8 @@ def start_ui(repo: Path) -> tuple[subprocess.Popen[bytes], str]:
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2).close()
-            return ui, url
-        except OSError:
-            time.sleep(0.5)
-    ui.kill()
-    raise AssertionError("mlflow ui did not start")
+    wait_until_up(f"{url}/health", ui, seconds=90)
+    return ui, url
 
 
 def poll(url: str, stop: threading.Event, results: list[int]) -> None:

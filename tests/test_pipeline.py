@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -18,7 +17,15 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from helpers import assert_no_tf_noise, clean_env, copy_project, dvc, free_port, run_stage
+from helpers import (
+    assert_no_tf_noise,
+    clean_env,
+    copy_project,
+    dvc,
+    free_port,
+    run_stage,
+    wait_until_up,
+)
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -304,13 +311,7 @@ def test_mlflow_models_serve_answers_like_predict(repo: Path) -> None:
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"{url}/ping", timeout=2).close()
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_until_up(f"{url}/ping", server)
         started = log.stat().st_size
         with np.load(repo / "data/raw/dataset.npz", allow_pickle=False) as raw:
             images = raw["x_test"][:20]

@@ -20,7 +20,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import clean_env, copy_project, free_port, run_stage, sh, start_repro, wait_for
+from helpers import (
+    clean_env,
+    copy_project,
+    free_port,
+    run_stage,
+    sh,
+    start_repro,
+    wait_for,
+    wait_until_up,
+)
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -62,17 +71,8 @@ def start_server(database: str, folder: Path, auth: bool = False) -> tuple[subpr
             command, cwd=folder, env=env, stdout=log, stderr=log, start_new_session=True
         )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2).close()
-            return server, uri
-        except OSError:
-            time.sleep(0.5)
-    server.kill()
-    raise AssertionError(
-        f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-3000:]}"
-    )
+    wait_until_up(f"{uri}/health", server)  # (folder / "server.log") tells why, if not
+    return server, uri
 
 
 @pytest.fixture

@@ -1,11 +1,13 @@
 """Fixtures shared by the tests; the plain helpers they build on are in helpers.py."""
 
+import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import working_in
+from helpers import start_server, stop, working_in
 
 from pipeline import datasets
 
@@ -20,3 +22,31 @@ def isolated(tmp_path: Path) -> Iterator[Path]:
     """tmp_path as the working directory, without the caller's MLflow/DVC settings."""
     with working_in(tmp_path) as root:
         yield root
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test's server; dropped afterwards."""
+    url = os.environ.get("TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("TEST_POSTGRES_URL is not set: .ci/run starts PostgreSQL and sets it")
+        pytest.skip("no PostgreSQL: set TEST_POSTGRES_URL (see .ci/run)")
+    import psycopg2
+
+    name = f"mlflow_test_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(url.replace("+psycopg2", ""))
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    yield f"{url.rsplit('/', 1)[0]}/{name}"
+    admin.cursor().execute(f"DROP DATABASE {name} WITH (FORCE)")
+    admin.close()
+
+
+@pytest.fixture
+def server(database: str, tmp_path: Path) -> Iterator[str]:
+    """`mlflow server` on a fresh database, serving artifacts itself; its URI."""
+    (tmp_path / "server").mkdir()
+    process, uri = start_server(database, tmp_path / "server")
+    yield uri
+    stop(process)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -86,6 +87,34 @@ def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120) -> 
             time.sleep(0.5)
     process.kill()
     raise AssertionError(f"{url}: the server we started did not answer within {seconds:g} s")
+
+
+ADMIN = ("admin", "Adm1n-password-for-tests")  # the basic-auth server's admin in tests
+
+
+def start_server(database: str, folder: Path, auth: bool = False) -> tuple[subprocess.Popen, str]:
+    """mlflow server on 127.0.0.1 and a free port, storing artifacts itself under folder."""
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", database]
+    command += ["--artifacts-destination", str(folder / "artifacts")]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    env = clean_env()
+    if auth:
+        command += ["--app-name", "basic-auth"]
+        env |= {"MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1], "MLFLOW_FLASK_SERVER_SECRET_KEY": "test"}
+    with (folder / "server.log").open("w") as log:
+        server = subprocess.Popen(
+            command, cwd=folder, env=env, stdout=log, stderr=log, start_new_session=True
+        )
+    uri = f"http://127.0.0.1:{port}"
+    wait_until_up(f"{uri}/health", server)  # (folder / "server.log") tells why, if not
+    return server, uri
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Stop a server started in its own session, and everything it started."""
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=60)
 
 
 def wait_for(path: Path, process: subprocess.Popen[bytes], seconds: float = 120) -> bool:

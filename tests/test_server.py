@@ -10,78 +10,28 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import (
+    ADMIN,
     clean_env,
     copy_project,
-    free_port,
     run_stage,
     sh,
     start_repro,
+    start_server,
+    stop,
     wait_for,
-    wait_until_up,
 )
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 SMALL = {"data": {"source": "bundled"}, "train": {"epochs": 1}}
-ADMIN = ("admin", "Adm1n-password-for-tests")
-
-
-@pytest.fixture
-def database() -> Iterator[str]:
-    """A fresh PostgreSQL database for one test's server; dropped afterwards."""
-    url = os.environ.get("TEST_POSTGRES_URL")
-    if not url:
-        if os.environ.get("CI"):
-            pytest.fail("TEST_POSTGRES_URL is not set: .ci/run starts PostgreSQL and sets it")
-        pytest.skip("no PostgreSQL: set TEST_POSTGRES_URL (see .ci/run)")
-    import psycopg2
-
-    name = f"mlflow_test_{uuid.uuid4().hex[:8]}"
-    admin = psycopg2.connect(url.replace("+psycopg2", ""))
-    admin.autocommit = True
-    admin.cursor().execute(f"CREATE DATABASE {name}")
-    yield f"{url.rsplit('/', 1)[0]}/{name}"
-    admin.cursor().execute(f"DROP DATABASE {name} WITH (FORCE)")
-    admin.close()
-
-
-def start_server(database: str, folder: Path, auth: bool = False) -> tuple[subprocess.Popen, str]:
-    """mlflow server on 127.0.0.1 and a free port, storing artifacts itself under folder."""
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", database]
-    command += ["--artifacts-destination", str(folder / "artifacts")]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
-    env = clean_env()
-    if auth:
-        command += ["--app-name", "basic-auth"]
-        env |= {"MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1], "MLFLOW_FLASK_SERVER_SECRET_KEY": "test"}
-    with (folder / "server.log").open("w") as log:
-        server = subprocess.Popen(
-            command, cwd=folder, env=env, stdout=log, stderr=log, start_new_session=True
-        )
-    uri = f"http://127.0.0.1:{port}"
-    wait_until_up(f"{uri}/health", server)  # (folder / "server.log") tells why, if not
-    return server, uri
-
-
-@pytest.fixture
-def server(database: str, tmp_path: Path) -> Iterator[str]:
-    (tmp_path / "server").mkdir()
-    process, uri = start_server(database, tmp_path / "server")
-    yield uri
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=60)
 
 
 def test_dvc_repro_lands_runs_points_models_and_registry_on_the_server(
@@ -181,5 +131,4 @@ def test_a_server_with_logins_refuses_a_stage_without_one_in_seconds_and_works_w
         registry = json.loads((repo / "reports/registry.json").read_text())
         assert registry["decision"] == "champion"
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
+        stop(process)

@@ -17,8 +17,10 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -40,6 +42,11 @@ FASHION_CLASSES = [
     *("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"),
     *("Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
 ]
+STALE_LOCK = 600  # seconds: a decision takes seconds; a lock this old was left by a killed stage
+LOCK_NOTE = (
+    "held while a register stage decides the champion, deleted after; one left by a killed stage "
+    f"is removed after {STALE_LOCK // 60} minutes, or delete it in the Models page"
+)
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
     outputs=Schema(
@@ -138,6 +145,45 @@ def register(
     return client.get_model_version(name, version.version), True
 
 
+@contextlib.contextmanager
+def decision_lock(client: MlflowClient, uri: str, name: str) -> Iterator[None]:
+    """Held while one register stage decides the champion, so that two never both take it.
+
+    On the embedded store, a file lock (stages on one machine). On a tracking server, shared by
+    machines that have nothing else in common, a registered model `<name>.lock` that exists while
+    one decides: the server creates a name only once, so one stage gets it and the others wait.
+    One older than STALE_LOCK seconds is taken to be left by a killed stage and is removed.
+    """
+    if not uri.startswith(("http://", "https://")):
+        with tracking.store_lock(uri):
+            yield
+        return
+    lock = f"{name}.lock"
+    while True:
+        try:
+            client.create_registered_model(lock, description=LOCK_NOTE)
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = client.get_registered_model(lock)
+        except MlflowException:
+            continue  # released meanwhile: try again at once
+        if time.time() - held.creation_timestamp / 1000 > STALE_LOCK:
+            try:
+                client.delete_registered_model(lock)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":  # another waiter removed it
+                    raise ConfigError(f"cannot remove the stale {lock!r}: {exc.message}") from None
+            continue
+        time.sleep(random.uniform(0.2, 1.0))
+    try:
+        yield
+    finally:
+        client.delete_registered_model(lock)
+
+
 def main() -> None:
     params = P.load()
     dataset = params.data.dataset
@@ -152,7 +198,8 @@ def main() -> None:
     tracking.configure()
     client = MlflowClient()
 
-    # Parallel experiments (`dvc queue start -j 2`) must not both take the champion alias.
+    # SQLite takes one writer at a time: stages on one machine register in turn. On a server,
+    # uploads and registrations go on in parallel; only the decision below waits for others.
     with tracking.store_lock(uri):
         with contextlib.suppress(MlflowException):  # it exists already
             client.create_registered_model(name, description=f"{dataset} classifiers: images in")
@@ -196,7 +243,9 @@ def main() -> None:
             )
             versions.append(version)
 
-        challenger = max(versions, key=lambda v: float(v.tags["test_accuracy"]))
+    challenger = max(versions, key=lambda v: float(v.tags["test_accuracy"]))
+    # Parallel experiments, on one machine or many, must not both take the champion alias.
+    with decision_lock(client, uri, name):
         client.set_registered_model_alias(name, "challenger", challenger.version)
         takes, reason = decide(client, name, challenger, test, params.registry.min_improvement)
         if takes:

@@ -11,9 +11,11 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,8 @@ from helpers import (
     wait_for,
 )
 from mlflow.tracking import MlflowClient
+
+from pipeline import register
 
 pytestmark = pytest.mark.slow
 SMALL = {"data": {"source": "bundled"}, "train": {"epochs": 1}}
@@ -132,3 +136,35 @@ def test_a_server_with_logins_refuses_a_stage_without_one_in_seconds_and_works_w
         assert registry["decision"] == "champion"
     finally:
         stop(process)
+
+
+def test_the_decision_lock_lets_one_stage_decide_at_a_time_across_clients(
+    server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Machines that share only the server: 6 clients at once, never two inside the lock."""
+    inside, most, entered = 0, 0, 0
+    guard = threading.Lock()
+
+    def decide() -> None:
+        nonlocal inside, most, entered
+        client = MlflowClient(server)  # one client each, as on separate machines
+        with register.decision_lock(client, server, "rnn-mnist"):
+            with guard:
+                inside, entered = inside + 1, entered + 1
+                most = max(most, inside)
+            time.sleep(0.3)
+            with guard:
+                inside -= 1
+
+    with ThreadPoolExecutor(6) as pool:
+        for future in [pool.submit(decide) for _ in range(6)]:
+            future.result()
+    assert (entered, most) == (6, 1)
+    client = MlflowClient(server)
+    assert [m.name for m in client.search_registered_models()] == []  # released
+
+    client.create_registered_model("rnn-mnist.lock")  # left behind by a killed stage
+    monkeypatch.setattr(register, "STALE_LOCK", 1)
+    time.sleep(1.5)
+    with register.decision_lock(client, server, "rnn-mnist"):
+        assert client.get_registered_model("rnn-mnist.lock").description == register.LOCK_NOTE

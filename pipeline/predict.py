@@ -2,7 +2,8 @@
 
 The default model is the registry's champion, models:/<registry.name>@champion (rnn-mnist unless
 params.yaml says otherwise), found in the project's store from any folder inside the repository.
---model takes any MLflow model URI (models:/rnn-mnist/3, models:/m-...) or a local model folder.
+--model takes any MLflow model URI (models:/rnn-mnist/3, models:/m-...), a local MLflow model
+folder, or a trained readout folder of the pipeline (models/state_h, as `dvc pull` brings it).
 Reads PNG and JPEG of any size and colour, converted the way the model's dataset was made, and
 .npy/.npz arrays and IDX files of 28x28 images (pipeline/images.py). Prints one line per image:
 file, class (and its name for Fashion-MNIST), probability. A file it cannot read gets one
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +24,17 @@ import numpy as np
 from pipeline import params as P
 from pipeline import tracking
 from pipeline.images import read_images
-from pipeline.stage import ConfigError, DataError, run_stage
+from pipeline.io import read_json
+from pipeline.preprocess import sequence_index
+from pipeline.stage import PREPARED, ConfigError, DataError, run_stage
 
 
 def load(model: str | None):  # -> mlflow.pyfunc.PyFuncModel
     """The model to use, without ever creating an MLflow store on the way."""
     import mlflow
 
+    if model and (Path(model) / "model.keras").is_file():
+        return from_network(Path(model))
     if model and Path(model).is_dir():
         uri = model
     else:
@@ -57,10 +63,36 @@ def load(model: str | None):  # -> mlflow.pyfunc.PyFuncModel
     return loaded
 
 
+def from_network(folder: Path):  # -> mlflow.pyfunc.PyFuncModel
+    """A trained readout folder of the pipeline (models/<readout>, as `dvc pull` brings it),
+    wrapped as the register stage wraps it, with the pixel order of the project it belongs to."""
+    import mlflow
+
+    from pipeline import register
+
+    root = folder.resolve().parents[1]  # <project>/models/<readout>
+    meta_file = root / PREPARED / "meta.json"
+    if not meta_file.is_file():
+        raise ConfigError(
+            f"--model {folder}: a trained network needs its project's {meta_file} for the pixel "
+            "order: run `dvc pull` (or `dvc repro`) in the project"
+        )
+    params = P.load(root / P.PARAMS_FILE)
+    index = sequence_index(read_json(meta_file)["order"], params.seed)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    with tempfile.TemporaryDirectory() as tmp:
+        network = folder / "model.keras"
+        with register.image_model(network, index, params.data.dataset) as parts:
+            mlflow.pyfunc.save_model(f"{tmp}/model", **parts)
+        return mlflow.pyfunc.load_model(f"{tmp}/model")  # holds the network in memory
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    parser.add_argument("--model", help="an MLflow model URI or a local model folder")
+    parser.add_argument(
+        "--model", help="an MLflow model URI, a local model folder, or models/<readout>"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     args = parser.parse_args()
     model = load(args.model)

@@ -58,36 +58,40 @@ SIGNATURE = ModelSignature(
 )
 
 
-def log_image_model(
-    readout: str, run_id: str, index: np.ndarray, dataset: str, example: np.ndarray
-) -> str:
-    """Log the readout's network, wrapped to take images, into its run; return the model URI."""
+@contextlib.contextmanager
+def image_model(network: Path, index: np.ndarray, dataset: str) -> Iterator[dict]:
+    """What mlflow.pyfunc.log_model/save_model take to store a network as an image model."""
     classes = FASHION_CLASSES if dataset == "fashion_mnist" else [str(c) for c in range(10)]
     spec = {"index": index.tolist(), "dataset": dataset, "classes": classes}
     from pipeline.tf import keras, tf  # only to pin the versions the model needs
 
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+    with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "sequence.json").write_text(json.dumps(spec))
-        info = mlflow.pyfunc.log_model(
-            name="image_model",
-            python_model=str(IMAGE_MODEL),
-            artifacts={
-                "network": str(MODELS / readout / "model.keras"),
-                "sequence": f"{tmp}/sequence.json",
-            },
-            signature=SIGNATURE,
-            input_example=example,  # MLflow runs it once: the logged model is known to load
-            metadata={
+        yield {
+            "python_model": str(IMAGE_MODEL),
+            "artifacts": {"network": str(network), "sequence": f"{tmp}/sequence.json"},
+            "signature": SIGNATURE,
+            "metadata": {
                 "dataset": dataset,
                 "classes": classes,
                 "input": "images [N, 28, 28], float32, pixel values 0-255 or 0-1, ink bright",
             },
-            pip_requirements=[
+            "pip_requirements": [
                 f"mlflow=={mlflow.__version__}",
                 f"tensorflow=={tf.__version__}",
                 f"keras=={keras.__version__}",
             ],
-        )
+        }
+
+
+def log_image_model(
+    readout: str, run_id: str, index: np.ndarray, dataset: str, example: np.ndarray
+) -> str:
+    """Log the readout's network, wrapped to take images, into its run; return the model URI."""
+    network = MODELS / readout / "model.keras"
+    with image_model(network, index, dataset) as parts, mlflow.start_run(run_id=run_id):
+        # MLflow runs the example once: the logged model is known to load
+        info = mlflow.pyfunc.log_model(name="image_model", input_example=example, **parts)
     return info.model_uri
 
 

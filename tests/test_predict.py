@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from helpers import log_small_image_model, run_stage, working_in
+from helpers import log_small_image_model, run_stage, working_in, write_params
 from PIL import Image
 
 
@@ -62,3 +62,40 @@ def test_without_a_store_it_says_so_and_creates_none(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "error: no MLflow store at" in out.stderr and "Traceback" not in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.npy"]
+
+
+def test_a_pulled_readout_folder_predicts_as_its_registered_model(
+    model_folder: Path, bundled_data: dict[str, np.ndarray]
+) -> None:
+    """models/state_h as `dvc pull` brings it: the network, with the project's pixel order."""
+    root = model_folder.parent  # the project the fixture trained in (download/ is its folder)
+    assert (root / "models/state_h/model.keras").is_file()
+    write_params(root)
+    np.save(root / "digits.npy", bundled_data["x_test"][:20])
+    registered = run_stage("predict", root, "digits.npy", "--json", "--model", str(model_folder))
+    (root / "data/prepared").mkdir(parents=True)
+    (root / "data/prepared/meta.json").write_text(json.dumps({"order": "rows"}))
+    pulled = run_stage(
+        "predict", root / "data", "../digits.npy", "--json", "--model", "../models/state_h"
+    )
+    assert pulled.returncode == registered.returncode == 0, pulled.stderr + registered.stderr
+    rows = [json.loads(line) for line in pulled.stdout.splitlines()]
+    assert len(rows) == 20
+    assert [(r["class"], round(r["probability"], 5)) for r in rows] == [
+        (r["class"], round(r["probability"], 5))
+        for r in map(json.loads, registered.stdout.splitlines())
+    ]
+
+
+def test_a_readout_folder_without_its_project_data_says_what_to_pull(
+    model_folder: Path, tmp_path: Path
+) -> None:
+    network = tmp_path / "models/state_h"
+    network.mkdir(parents=True)
+    (network / "model.keras").write_bytes(
+        (model_folder.parent / "models/state_h/model.keras").read_bytes()
+    )
+    np.save(tmp_path / "one.npy", np.zeros((28, 28), np.uint8))
+    out = run_stage("predict", tmp_path, "one.npy", "--model", "models/state_h")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "data/prepared/meta.json for the pixel order: run `dvc pull`" in out.stderr

@@ -1,6 +1,7 @@
-"""Compare many runs from the MLflow store: python -m pipeline.report [--runs ID ...] [--out DIR].
+"""Compare many runs from the MLflow store: python -m pipeline.report [--runs ID ... | --exp NAME ...].
 
-Reads every FINISHED run of the experiment (or the runs named) with full metric histories, not the
+Reads every FINISHED run of the experiment (or the runs named, or those of the DVC experiments
+named: their `dvc.exp_name` tag, as `dvc exp show` names them) with full metric histories, not the
 UI's sampled charts, and writes to reports/experiments/ (no stage writes or deletes it):
   report.md           one row per run: the params that differ between runs, test accuracy, best
                       val accuracy, training seconds, samples/s, peak RSS, a hash of all params
@@ -28,7 +29,9 @@ from pipeline.stage import EXPERIMENTS, ConfigError, run_stage
 SMOOTH = 25  # batches in the moving average of the batch-accuracy curves
 
 
-def find_runs(client: MlflowClient, experiment: str, run_ids: list[str]) -> list[Run]:
+def find_runs(
+    client: MlflowClient, experiment: str, run_ids: list[str], exp_names: list[str]
+) -> list[Run]:
     if run_ids:
         return [client.get_run(run_id) for run_id in run_ids]
     found = client.get_experiment_by_name(experiment)
@@ -36,6 +39,14 @@ def find_runs(client: MlflowClient, experiment: str, run_ids: list[str]) -> list
         raise ConfigError(
             f"no experiment {experiment!r} in {tracking.tracking_uri()}; run dvc repro"
         )
+    if exp_names:
+        runs = []
+        for name in exp_names:
+            query = f"tags.`dvc.exp_name` = '{name}'"
+            if not (named := client.search_runs([found.experiment_id], query)):
+                raise ConfigError(f"no run is tagged dvc.exp_name = {name!r} in {experiment!r}")
+            runs += named
+        return runs
     runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'")
     if not runs:
         raise ConfigError(f"experiment {experiment!r} has no finished run yet; run dvc repro")
@@ -123,17 +134,22 @@ def plot_cell_by_order(runs: list[Run], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="*", default=[], help="run ids (default: all finished)")
+    parser.add_argument("--exp", nargs="*", default=[], help="DVC experiment names (dvc exp show)")
     parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME"))
     parser.add_argument("--out", type=Path, default=EXPERIMENTS)
     args = parser.parse_args()
     client = MlflowClient(tracking.tracking_uri())
-    runs = find_runs(client, args.experiment or tracking.EXPERIMENT, args.runs)
+    runs = find_runs(client, args.experiment or tracking.EXPERIMENT, args.runs, args.exp)
     with atomic_path(args.out, directory=True) as tmp:
         best_val = plot_curves(client, runs, tmp / "curves.png")
         plot_cell_by_order(runs, tmp / "cell_by_order.png")
         (tmp / "report.md").write_text(
             f"# {len(runs)} runs\n\n{table(runs, best_val)}\n"
             "![curves](curves.png)\n\n![cell by order](cell_by_order.png)\n"
+        )
+    for run in runs if args.exp or args.runs else []:
+        print(
+            f"{label(run)}: run {run.info.run_id}, test accuracy {run.data.metrics.get('test_accuracy')}"
         )
     print(f"report: {len(runs)} runs -> {args.out}/report.md")
 

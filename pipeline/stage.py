@@ -6,6 +6,7 @@ folders as deps and outs. Nothing a user passes in can point a stage's output el
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -39,4 +40,15 @@ def run_stage(main: Callable[[], None]) -> None:
         main()
     except (ParamsError, DataError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:  # MLflow's, found by its code: fetch and preprocess never import it
+        if getattr(exc, "error_code", None) != "PERMISSION_DENIED":
+            raise
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        print(
+            f"error: MLFLOW_TRACKING_URI={os.environ.get('MLFLOW_TRACKING_URI')}: the server "
+            f"denies user {user!r} this ({str(exc).splitlines()[0]}): ask its admin for EDIT "
+            "permission on the experiment (and on the registered model, for register)",
+            file=sys.stderr,
+        )
         sys.exit(2)

@@ -6,13 +6,17 @@ Fixtures built on these live in conftest.py; module-scoped fixtures call these d
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,6 +129,36 @@ def wait_for(path: Path, process: subprocess.Popen[bytes], seconds: float = 120)
             return True
         time.sleep(0.05)
     return False
+
+
+def poll(url: str, stop: threading.Event, results: list[int]) -> None:
+    """Read runs over the REST API as `mlflow ui` does, every 0.5 s until stop; record statuses."""
+    body = json.dumps({"experiment_ids": ["0", "1"], "max_results": 100}).encode()
+    while not stop.is_set():
+        request = urllib.request.Request(
+            f"{url}/api/2.0/mlflow/runs/search",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                results.append(response.status)
+        except urllib.error.HTTPError as exc:
+            results.append(exc.code)
+        except OSError:
+            results.append(-1)
+        time.sleep(0.5)
+
+
+def wait_for_queue(repo: Path, env: dict[str, str] | None = None, seconds: float = 900) -> str:
+    """Wait until `dvc queue status` shows nothing queued or running; return what it shows."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(3)
+        status = sh(sys.executable, "-m", "dvc", "queue", "status", cwd=repo, env=env).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+    return status
 
 
 def free_port() -> int:

@@ -7,16 +7,13 @@ while two `mlflow ui` processes read the same store over their REST API the whol
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import clean_env, copy_project, dvc, free_port, wait_until_up
+from helpers import clean_env, copy_project, dvc, free_port, poll, wait_for_queue, wait_until_up
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
@@ -41,24 +38,6 @@ def start_ui(repo: Path) -> tuple[subprocess.Popen[bytes], str]:
     return ui, url
 
 
-def poll(url: str, stop: threading.Event, results: list[int]) -> None:
-    body = json.dumps({"experiment_ids": ["0", "1"], "max_results": 100}).encode()
-    while not stop.is_set():
-        request = urllib.request.Request(
-            f"{url}/api/2.0/mlflow/runs/search",
-            data=body,
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                results.append(response.status)
-        except urllib.error.HTTPError as exc:
-            results.append(exc.code)
-        except OSError:
-            results.append(-1)
-        time.sleep(0.5)
-
-
 def test_queued_experiments_in_parallel_lose_no_run_and_no_point(tmp_path: Path) -> None:
     repo = copy_project(tmp_path / "repo", PARAMS)
     uis = [start_ui(repo) for _ in range(2)]  # the readers create the store before any writer
@@ -73,12 +52,7 @@ def test_queued_experiments_in_parallel_lose_no_run_and_no_point(tmp_path: Path)
         for lr in LRS:
             dvc("exp", "run", "--queue", "-S", f"train.lr={lr}", cwd=repo)
         dvc("queue", "start", "-j", "2", cwd=repo)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            time.sleep(3)
-            status = dvc("queue", "status", cwd=repo).stdout
-            if "Queued" not in status and "Running" not in status:
-                break
+        status = wait_for_queue(repo)
     finally:
         stop.set()
         for thread in pollers:

@@ -42,6 +42,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]
         for key, value in params.items():
             client.log_param(run_id, key, value)
         client.set_tag(run_id, "readout", readout)
+        client.set_tag(run_id, "dvc.exp_name", f"exp-{cell}-{order}")
         client.set_terminated(run_id, "FINISHED")
         ids[f"{cell}-{order}"] = run_id
     unfinished = client.create_run(experiment, run_name="still-running")
@@ -99,3 +100,18 @@ def test_an_empty_store_is_one_clear_error(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert f"error: no experiment '{tracking.EXPERIMENT}'" in done.stderr
     assert not (tmp_path / "reports").exists()
+
+
+def test_report_finds_the_runs_of_dvc_experiments_by_name(
+    store: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    uri, ids = store
+    done = run_report(uri, tmp_path, "--exp", "exp-gru-rows", "exp-lstm-pixels")
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"gru-rows-state_h [exp-gru-rows]: run {ids['gru-rows']}, test accuracy 0.97" in done.stdout
+    )
+    assert "report: 2 runs" in done.stdout
+    missing = run_report(uri, tmp_path, "--exp", "no-such-exp")
+    assert missing.returncode == 2
+    assert "error: no run is tagged dvc.exp_name = 'no-such-exp'" in missing.stderr

@@ -30,6 +30,7 @@ from helpers import (
     stop,
     wait_for,
 )
+from mlflow.server import get_app_client
 from mlflow.tracking import MlflowClient
 
 from pipeline import register
@@ -134,6 +135,32 @@ def test_a_server_with_logins_refuses_a_stage_without_one_in_seconds_and_works_w
         )
         registry = json.loads((repo / "reports/registry.json").read_text())
         assert registry["decision"] == "champion"
+
+        # Users the admin made: one may only read the experiment (the server's default), one is
+        # denied it. Both are stopped before training, in one line that says what to ask for.
+        auth = get_app_client("basic-auth", tracking_uri=uri)
+        os.environ |= {"MLFLOW_TRACKING_USERNAME": ADMIN[0], "MLFLOW_TRACKING_PASSWORD": ADMIN[1]}
+        try:
+            experiment = MlflowClient(uri).get_experiment_by_name("rnn-mnist-sequences")
+            for user in ("reader", "denied"):
+                auth.create_user(user, f"{user}-Password-123")
+            auth.grant_user_permission("denied", "experiment", experiment.experiment_id, "DENY")
+        finally:
+            for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                os.environ.pop(key)
+        for user in ("reader", "denied"):
+            login = {
+                "MLFLOW_TRACKING_USERNAME": user,
+                "MLFLOW_TRACKING_PASSWORD": f"{user}-Password-123",
+            }
+            out = run_stage(
+                "train", repo, "--readout", "state_h", env={"MLFLOW_TRACKING_URI": uri, **login}
+            )
+            errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+            assert out.returncode == 2 and len(errors) == 1, out.stderr
+            assert f"the server denies user '{user}' this" in errors[0], errors
+            assert "ask its admin for EDIT permission" in errors[0]
+            assert "Traceback" not in out.stderr and "epoch" not in out.stderr
     finally:
         stop(process)
 

@@ -7,14 +7,17 @@ missing database fails these tests instead of skipping them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -93,6 +96,15 @@ def test_a_killed_training_resumes_into_the_same_run_on_the_server(
     assert run.info.run_id == json.loads((repo / "models/state_h/run.json").read_text())["run_id"]
 
 
+@contextlib.contextmanager
+def as_admin() -> Iterator[None]:
+    """MLflow's admin client reads the login from the environment."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
+        patch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
+        yield
+
+
 def test_a_server_with_logins_refuses_a_stage_without_one_in_seconds_and_works_with_it(
     database: str, tmp_path: Path
 ) -> None:
@@ -139,28 +151,36 @@ def test_a_server_with_logins_refuses_a_stage_without_one_in_seconds_and_works_w
         # Users the admin made: one may only read the experiment (the server's default), one is
         # denied it. Both are stopped before training, in one line that says what to ask for.
         auth = get_app_client("basic-auth", tracking_uri=uri)
-        os.environ |= {"MLFLOW_TRACKING_USERNAME": ADMIN[0], "MLFLOW_TRACKING_PASSWORD": ADMIN[1]}
-        try:
-            experiment = MlflowClient(uri).get_experiment_by_name("rnn-mnist-sequences")
+        with as_admin():
+            experiment = (
+                MlflowClient(uri).get_experiment_by_name("rnn-mnist-sequences").experiment_id
+            )
             for user in ("reader", "denied"):
                 auth.create_user(user, f"{user}-Password-123")
-            auth.grant_user_permission("denied", "experiment", experiment.experiment_id, "DENY")
-        finally:
-            for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-                os.environ.pop(key)
-        for user in ("reader", "denied"):
+            auth.grant_user_permission("denied", "experiment", experiment, "DENY")
+
+        def train_as(user: str) -> subprocess.CompletedProcess[str]:
             login = {
                 "MLFLOW_TRACKING_USERNAME": user,
                 "MLFLOW_TRACKING_PASSWORD": f"{user}-Password-123",
             }
-            out = run_stage(
+            return run_stage(
                 "train", repo, "--readout", "state_h", env={"MLFLOW_TRACKING_URI": uri, **login}
             )
+
+        for user in ("reader", "denied"):
+            out = train_as(user)
             errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
             assert out.returncode == 2 and len(errors) == 1, out.stderr
             assert f"the server denies user '{user}' this" in errors[0], errors
             assert "ask its admin for EDIT permission" in errors[0]
             assert "Traceback" not in out.stderr and "epoch" not in out.stderr
+
+        # docs/team.md: the admin grants EDIT on the experiment, and the user can train.
+        with as_admin():
+            auth.grant_user_permission("reader", "experiment", experiment, "EDIT")
+        out = train_as("reader")
+        assert out.returncode == 0, out.stderr
     finally:
         stop(process)
 

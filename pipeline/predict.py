@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,12 @@ def from_network(folder: Path):  # -> mlflow.pyfunc.PyFuncModel
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     with tempfile.TemporaryDirectory() as tmp:
         network = folder / "model.keras"
-        with register.image_model(network, index, params.data.dataset) as parts:
+        # catch_warnings: MLflow's "no input example" is noise for a model made for this call
+        with (
+            register.image_model(network, index, params.data.dataset) as parts,
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore", UserWarning)
             mlflow.pyfunc.save_model(f"{tmp}/model", **parts)
         return mlflow.pyfunc.load_model(f"{tmp}/model")  # holds the network in memory
 

@@ -13,6 +13,9 @@ import pytest
 from helpers import log_small_image_model, run_stage, working_in, write_params
 from PIL import Image
 
+from pipeline import predict
+from pipeline.stage import ConfigError
+
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
@@ -67,24 +70,17 @@ def test_without_a_store_it_says_so_and_creates_none(tmp_path: Path) -> None:
 def test_a_pulled_readout_folder_predicts_as_its_registered_model(
     model_folder: Path, bundled_data: dict[str, np.ndarray]
 ) -> None:
-    """models/state_h as `dvc pull` brings it: the network, with the project's pixel order."""
+    """models/state_h as `dvc pull` brings it: the network, with the project's pixel order.
+    (tests/test_team.py runs the command itself on a pulled clone.)"""
     root = model_folder.parent  # the project the fixture trained in (download/ is its folder)
-    assert (root / "models/state_h/model.keras").is_file()
     write_params(root)
-    np.save(root / "digits.npy", bundled_data["x_test"][:20])
-    registered = run_stage("predict", root, "digits.npy", "--json", "--model", str(model_folder))
-    (root / "data/prepared").mkdir(parents=True)
+    (root / "data/prepared").mkdir(parents=True, exist_ok=True)
     (root / "data/prepared/meta.json").write_text(json.dumps({"order": "rows"}))
-    pulled = run_stage(
-        "predict", root / "data", "../digits.npy", "--json", "--model", "../models/state_h"
-    )
-    assert pulled.returncode == registered.returncode == 0, pulled.stderr + registered.stderr
-    rows = [json.loads(line) for line in pulled.stdout.splitlines()]
-    assert len(rows) == 20
-    assert [(r["class"], round(r["probability"], 5)) for r in rows] == [
-        (r["class"], round(r["probability"], 5))
-        for r in map(json.loads, registered.stdout.splitlines())
-    ]
+    images = bundled_data["x_test"][:20].astype(np.float32)
+    pulled = predict.from_network(root / "models/state_h").predict(images)
+    registered = mlflow.pyfunc.load_model(str(model_folder)).predict(images)
+    assert np.array_equal(pulled["class"], registered["class"])
+    np.testing.assert_allclose(pulled["probabilities"], registered["probabilities"], rtol=1e-6)
 
 
 def test_a_readout_folder_without_its_project_data_says_what_to_pull(
@@ -95,7 +91,5 @@ def test_a_readout_folder_without_its_project_data_says_what_to_pull(
     (network / "model.keras").write_bytes(
         (model_folder.parent / "models/state_h/model.keras").read_bytes()
     )
-    np.save(tmp_path / "one.npy", np.zeros((28, 28), np.uint8))
-    out = run_stage("predict", tmp_path, "one.npy", "--model", "models/state_h")
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "data/prepared/meta.json for the pixel order: run `dvc pull`" in out.stderr
+    with pytest.raises(ConfigError, match=r"meta.json for the pixel order: run `dvc pull`"):
+        predict.from_network(network)

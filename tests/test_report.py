@@ -112,6 +112,5 @@ def test_report_finds_the_runs_of_dvc_experiments_by_name(
         f"gru-rows-state_h [exp-gru-rows]: run {ids['gru-rows']}, test accuracy 0.97" in done.stdout
     )
     assert "report: 2 runs" in done.stdout
-    missing = run_report(uri, tmp_path, "--exp", "no-such-exp")
-    assert missing.returncode == 2
-    assert "error: no run is tagged dvc.exp_name = 'no-such-exp'" in missing.stderr
+    with pytest.raises(report.ConfigError, match=r"no run is tagged dvc\.exp_name = 'no-such-exp'"):
+        report.find_runs(MlflowClient(uri), tracking.EXPERIMENT, [], ["no-such-exp"])

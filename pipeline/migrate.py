@@ -15,6 +15,8 @@ versions and aliases (docs/team.md). Logins come from MLFLOW_TRACKING_USERNAME/P
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -155,6 +157,10 @@ def main() -> None:
     if src_uri.startswith(("http://", "https://")):
         tracking.check_server(src_uri)
     tracking.check_server(args.to)
+    # Its own lines say what moved: not MLflow's progress bars, run links and waiting notices.
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    logging.getLogger("mlflow.store.model_registry").setLevel(logging.WARNING)
     src, dst = MlflowClient(src_uri), MlflowClient(args.to)
     runs: dict[str, str] = {}
     models: dict[str, str] = {}

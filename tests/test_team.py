@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import GIT, clean_env, copy_project, poll, sh, wait_for_queue
+from helpers import GIT, assert_no_tf_noise, clean_env, copy_project, poll, sh, wait_for_queue
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
@@ -128,10 +128,13 @@ def test_two_machines_share_a_server_a_dvc_remote_and_experiments(
     assert len(client.search_runs([experiment.experiment_id])) == len(everything)
     digits = np.load(c / "data/raw/dataset.npz", allow_pickle=False)
     np.save(c / "digits.npy", digits["x_test"])
-    pulled = sh(
+    out = sh(
         sys.executable, "-m", "pipeline.predict", "digits.npy", "--json",
         "--model", "models/state_h", cwd=c,  # no MLflow settings: the model is on disk
-    ).stdout  # fmt: skip
+    )  # fmt: skip
+    pulled = out.stdout
+    assert_no_tf_noise(out.stderr)
+    assert "AutoGraph" not in out.stderr and "input example" not in out.stderr, out.stderr
     (baseline,) = [v for v in versions if v.tags["dvc.exp_name"] == ""]
     served = on(c, sys.executable, "-m", "pipeline.predict", "digits.npy", "--json", "--model",
                 f"models:/rnn-mnist/{baseline.version}")  # fmt: skip

@@ -124,10 +124,13 @@ def move_registry(src: MlflowClient, dst: MlflowClient, runs: dict, models: dict
             if number in there:
                 numbers[number] = there[number]
                 continue
-            model_id = models[old.source.removeprefix("models:/")]
+            model_id = models.get(old.source.removeprefix("models:/"))
+            if model_id is None:  # registered from a path or a run's files, not a logged model
+                print(f"migrate: {name} v{number} skipped: its source {old.source} was not moved")
+                continue
             tags = old.tags | {"migrated.version": number}
             if "run_id" in tags:  # the register stage's tag names the run: the new one now
-                tags["run_id"] = runs[old.run_id]
+                tags["run_id"] = runs.get(old.run_id, tags["run_id"])
             new = dst.create_model_version(
                 name, f"models:/{model_id}", runs.get(old.run_id), tags,
                 description=old.description, model_id=model_id,
@@ -136,7 +139,8 @@ def move_registry(src: MlflowClient, dst: MlflowClient, runs: dict, models: dict
             print(f"migrate: {name} v{number} -> v{new.version}")
         held = dst.get_registered_model(name).aliases
         for alias, version in registered.aliases.items():
-            mine = numbers[str(version)]
+            if (mine := numbers.get(str(version))) is None:
+                continue  # its version was skipped, and said so
             if alias not in held:
                 dst.set_registered_model_alias(name, alias, mine)
                 print(f"migrate: {name}@{alias} -> v{mine}")

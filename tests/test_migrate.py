@@ -52,6 +52,9 @@ def test_a_local_history_moves_to_the_server_whole_and_only_once(server: str, tm
         )
         for uri, accuracy in ((first, "0.91"), (second, "0.92")):
             mlflow.register_model(uri, "rnn-mnist", tags={"test_accuracy": accuracy})
+        client.create_model_version(
+            "rnn-mnist", f"runs:/{run_ids[2]}/notes", run_ids[2]
+        )  # no model
         client.set_registered_model_alias("rnn-mnist", "champion", "1")
         client.set_registered_model_alias("rnn-mnist", "challenger", "2")
         expected = mlflow.pyfunc.load_model("models:/rnn-mnist@champion").predict(images)
@@ -66,6 +69,7 @@ def test_a_local_history_moves_to_the_server_whole_and_only_once(server: str, tm
     out = run_stage("migrate", tmp_path, "--to", server)
     assert out.returncode == 0, out.stderr
     assert "migrate: 3 runs moved (363 metric points), 0 already there" in out.stdout
+    assert f"rnn-mnist v3 skipped: its source runs:/{run_ids[2]}/notes was not moved" in out.stdout
     assert dst.get_run(cut_off).info.lifecycle_stage == "deleted"
     moved_experiment = dst.get_experiment_by_name(name).experiment_id
     moved = {r.data.tags["migrated.run_id"]: r for r in dst.search_runs([moved_experiment])}

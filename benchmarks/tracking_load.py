@@ -5,7 +5,7 @@ SQLite store, while readers poll it.
         [--writers 8] [--epochs 20] [--batches 422] [--readers 2] [--read-interval 0.5]
 
 Each writer is a process (spawn) that does what pipeline/train.py does, minus the training:
-tracking.configure(), a run through tracking.run(), and per epoch `batch_accuracy`/`batch_loss`
+store.configure(), a run through tracking.run(), and per epoch `batch_accuracy`/`batch_loss`
 for every batch plus accuracy/loss/val_accuracy/val_loss, sent by one MetricBuffer.flush(), which
 is timed. 422 batches is full MNIST at batch_size 128 (54,000 training images after val_size 0.1).
 Writers flush back to back, with no training in between: every writer flushing at once, the worst
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline import store, tracking
 
 BATCH_KEYS = ("batch_accuracy", "batch_loss")
 EPOCH_KEYS = ("accuracy", "loss", "val_accuracy", "val_loss")
@@ -52,7 +52,7 @@ def use_store(uri: str, experiment: str, root: str) -> str:
     """Point this process at the store as DVC's stage environment would; the experiment id."""
     os.environ |= {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment}
     os.environ |= {"DVC_ROOT": root, "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
-    return tracking.configure()  # under store_lock for SQLite, as in train.py
+    return store.configure()  # under store_lock for SQLite, as in train.py
 
 
 def write(store: Store, index: int, epochs: int, batches: int, start: Barrier, out: Queue) -> None:

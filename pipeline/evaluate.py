@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 
 from pipeline import params as P
-from pipeline import tracking
+from pipeline import store
 from pipeline.io import load_npz, read_json, write_csv, write_json
 from pipeline.model import load_model, score
 from pipeline.plots import plt, save
@@ -45,7 +45,7 @@ def evaluate(readout: str) -> None:
     P.load()  # validate params.yaml before any work
     data = load_npz(PREPARED / "sequences.npz", ("x_test", "y_test"))
     run = read_json(MODELS / readout / "run.json")
-    tracking.configure()
+    store.configure()
     model = load_model(MODELS / readout / "model.keras")
 
     y = data["y_test"]

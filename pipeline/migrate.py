@@ -34,7 +34,7 @@ from mlflow.entities import (
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline import store
 from pipeline.stage import ConfigError, run_stage
 
 
@@ -155,14 +155,14 @@ def main() -> None:
     parser.add_argument("--to", required=True, help="the tracking server, e.g. https://mlflow.team")
     parser.add_argument("--from", dest="source", help="the store to read (default: mlflow.db)")
     args = parser.parse_args()
-    src_uri = args.source or f"sqlite:///{tracking.project_root() / 'mlflow.db'}"
+    src_uri = args.source or store.local_uri()
     if src_uri.startswith("sqlite:///") and not Path(src_uri[10:]).is_file():
         raise ConfigError(f"no MLflow store at {src_uri[10:]}: nothing to move (or pass --from)")
     if src_uri.startswith(("http://", "https://")):
-        tracking.check_server(src_uri)
-    tracking.check_server(args.to)
+        store.check_server(src_uri)
+    store.check_server(args.to)
     # Its own lines say what moved: not MLflow's progress bars, run links and waiting notices.
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    store.quiet_artifacts()
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     logging.getLogger("mlflow.store.model_registry").setLevel(logging.WARNING)
     src, dst = MlflowClient(src_uri), MlflowClient(args.to)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import warnings
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import params as P
-from pipeline import tracking
+from pipeline import store
 from pipeline.images import read_images
 from pipeline.io import read_json
 from pipeline.preprocess import sequence_index
@@ -39,19 +38,19 @@ def load(model: str | None):  # -> mlflow.pyfunc.PyFuncModel
     if model and Path(model).is_dir():
         uri = model
     else:
-        root = tracking.project_root()
-        store = tracking.tracking_uri()
-        if store.startswith("sqlite:") and not (root / "mlflow.db").exists():
+        root = store.project_root()
+        uri = store.tracking_uri()
+        if uri.startswith("sqlite:") and not (root / "mlflow.db").exists():
             raise ConfigError(
                 f"no MLflow store at {root / 'mlflow.db'}: run `dvc repro` in the project first, "
                 "set MLFLOW_TRACKING_URI, or pass --model with a local model folder"
             )
-        mlflow.set_tracking_uri(store)
+        mlflow.set_tracking_uri(uri)
         if model is None:
             params = P.load(root / P.PARAMS_FILE)
             model = f"models:/{params.registry.model_name(params.data.dataset)}@champion"
         uri = model
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    store.quiet_artifacts()
     from pipeline.tf import keras  # noqa: F401  TensorFlow imported quietly, before the model does
 
     try:
@@ -80,7 +79,7 @@ def from_network(folder: Path):  # -> mlflow.pyfunc.PyFuncModel
         )
     params = P.load(root / P.PARAMS_FILE)
     index = sequence_index(read_json(meta_file)["order"], params.seed)
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    store.quiet_artifacts()
     with tempfile.TemporaryDirectory() as tmp:
         network = folder / "model.keras"
         # catch_warnings: MLflow's "no input example" is noise for a model made for this call

@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from pipeline import params as P
-from pipeline import tracking
+from pipeline import store, tracking
 from pipeline.io import load_npz, read_json, write_json
 from pipeline.preprocess import sequence_index
 from pipeline.stage import EVAL, MODELS, PREPARED, RAW, REGISTRY, ConfigError, run_stage
@@ -159,7 +159,7 @@ def decision_lock(client: MlflowClient, uri: str, name: str) -> Iterator[None]:
     One older than STALE_LOCK seconds is taken to be left by a killed stage and is removed.
     """
     if not uri.startswith(("http://", "https://")):
-        with tracking.store_lock(uri):
+        with store.store_lock(uri):
             yield
         return
     lock = f"{name}.lock"
@@ -197,14 +197,14 @@ def main() -> None:
     test_sha = hashlib.sha256(test["x_test"].tobytes() + test["y_test"].tobytes()).hexdigest()
     index = sequence_index(meta["order"], params.seed)
     example = test["x_test"][:2].astype(np.float32)  # two real test images, 0-255
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # stage logs, not a terminal
-    uri = tracking.tracking_uri()
-    tracking.configure()
+    store.quiet_artifacts()
+    uri = store.tracking_uri()
+    store.configure()
     client = MlflowClient()
 
     # SQLite takes one writer at a time: stages on one machine register in turn. On a server,
     # uploads and registrations go on in parallel; only the decision below waits for others.
-    with tracking.store_lock(uri):
+    with store.store_lock(uri):
         with contextlib.suppress(MlflowException):  # it exists already
             client.create_registered_model(name, description=f"{dataset} classifiers: images in")
         others = {

@@ -21,7 +21,7 @@ from matplotlib.ticker import MaxNLocator
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline import store, tracking
 from pipeline.io import atomic_path
 from pipeline.plots import moving_mean, plt, save
 from pipeline.stage import EXPERIMENTS, ConfigError, run_stage
@@ -36,9 +36,7 @@ def find_runs(
         return [client.get_run(run_id) for run_id in run_ids]
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        raise ConfigError(
-            f"no experiment {experiment!r} in {tracking.tracking_uri()}; run dvc repro"
-        )
+        raise ConfigError(f"no experiment {experiment!r} in {store.tracking_uri()}; run dvc repro")
     if exp_names:
         runs = []
         for name in exp_names:
@@ -138,8 +136,8 @@ def main() -> None:
     parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME"))
     parser.add_argument("--out", type=Path, default=EXPERIMENTS)
     args = parser.parse_args()
-    client = MlflowClient(tracking.tracking_uri())
-    runs = find_runs(client, args.experiment or tracking.EXPERIMENT, args.runs, args.exp)
+    client = MlflowClient(store.tracking_uri())
+    runs = find_runs(client, args.experiment or store.EXPERIMENT, args.runs, args.exp)
     with atomic_path(args.out, directory=True) as tmp:
         best_val = plot_curves(client, runs, tmp / "curves.png")
         plot_cell_by_order(runs, tmp / "cell_by_order.png")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import checkpoint, fastrnn, tracking
+from pipeline import checkpoint, fastrnn, store, tracking
 from pipeline import params as P
 from pipeline.checkpoint import Interrupted, TrainState
 from pipeline.io import atomic_path, load_npz, read_json, write_csv, write_json
@@ -116,7 +116,7 @@ def train(readout: str) -> None:
     data = load_npz(PREPARED / "sequences.npz", ("x_train", "y_train", "x_val", "y_val"))
     meta = read_json(PREPARED / "meta.json")
     _, steps, features = data["x_train"].shape
-    experiment_id = tracking.configure()  # fails here, before training, if the store is unusable
+    experiment_id = store.configure()  # fails here, before training, if the store is unusable
 
     keras.config.disable_interactive_logging()  # no progress bars from predict() calls
     keras.utils.set_random_seed(params.seed)

@@ -245,11 +245,11 @@ def log_small_image_model(root: Path, example: np.ndarray) -> str:
     import keras
     import mlflow
 
-    from pipeline import register, tracking
+    from pipeline import register, store
     from pipeline.model import build_model
     from pipeline.preprocess import sequence_index
 
-    tracking.configure()
+    store.configure()
     keras.utils.set_random_seed(0)
     (root / "models/state_h").mkdir(parents=True)
     build_model(28, 28, "gru", "state_h", 6, 5).save(root / "models/state_h/model.keras")

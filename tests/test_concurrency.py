@@ -16,7 +16,7 @@ import pytest
 from helpers import clean_env, copy_project, dvc, free_port, poll, wait_for_queue, wait_until_up
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline import store
 
 pytestmark = pytest.mark.slow
 LRS = ("0.001", "0.002", "0.003", "0.004")
@@ -65,7 +65,7 @@ def test_queued_experiments_in_parallel_lose_no_run_and_no_point(tmp_path: Path)
         assert len(reads) > 20 and set(reads) == {200}, reads
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    experiment = client.get_experiment_by_name(store.EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.data.params["train.lr"] for r in runs) == list(LRS)
     for run in runs:

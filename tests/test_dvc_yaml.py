@@ -21,6 +21,7 @@ CANNOT_CHANGE_OUTPUTS = {
     "pipeline.stage": "folder names (dvc.yaml names the same folders) and error reporting",
     "pipeline.tf": "imports TensorFlow quietly",
     "pipeline.tracking": "MLflow only; no file DVC tracks",
+    "pipeline.store": "where the MLflow store is; no file DVC tracks",
     "pipeline.checkpoint": "resume bookkeeping; a resumed run ends bit-identical (test_resume)",
 }
 # Files a stage uses without importing them.

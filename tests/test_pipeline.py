@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline import params as P
-from pipeline import tracking
+from pipeline import store
 from pipeline.model import build_model
 from pipeline.train import epoch_batches
 
@@ -210,7 +210,7 @@ def test_rerun_gives_identical_metrics_bit_for_bit(repo: Path, client: MlflowCli
 
 def test_temp_experiment_lands_in_the_root_store(repo: Path, client: MlflowClient) -> None:
     """`dvc exp run --temp` runs in a copy under .dvc/tmp/exps; its runs must not vanish with it."""
-    experiment_id = client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+    experiment_id = client.get_experiment_by_name(store.EXPERIMENT).experiment_id
     before = {r.info.run_id for r in client.search_runs([experiment_id])}
     dvc("exp", "run", "--temp", *TEMP_OVERRIDES, cwd=repo)
 
@@ -238,7 +238,7 @@ def test_an_experiment_that_repeats_earlier_params_gets_its_own_mlflow_run(
 ) -> None:
     """DVC would restore train from its run cache and log nothing; persist: true prevents that,
     so grouping by dvc.exp_name in mlflow ui finds every experiment's model."""
-    experiment_id = client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+    experiment_id = client.get_experiment_by_name(store.EXPERIMENT).experiment_id
     query = "params.`train.lr` = '0.002'"
     first = client.search_runs([experiment_id], query)
     assert len(first) == 1  # the temp experiment above

@@ -9,7 +9,8 @@ from helpers import run_stage
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from pipeline import report, tracking
+from pipeline import report
+from pipeline import store as S
 
 # (cell, order, readout, test accuracy, val accuracy per epoch)
 RUNS = [
@@ -26,7 +27,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]
     root = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
-    experiment = client.create_experiment(tracking.EXPERIMENT, (root / "mlruns").as_uri())
+    experiment = client.create_experiment(S.EXPERIMENT, (root / "mlruns").as_uri())
     ids = {}
     now = int(time.time() * 1000)
     for cell, order, readout, test, val in RUNS:
@@ -98,7 +99,7 @@ def test_the_full_metric_history_is_read(store: tuple[str, dict[str, str]]) -> N
 def test_an_empty_store_is_one_clear_error(tmp_path: Path) -> None:
     done = run_report(f"sqlite:///{tmp_path / 'empty.db'}", tmp_path)
     assert done.returncode == 2
-    assert f"error: no experiment '{tracking.EXPERIMENT}'" in done.stderr
+    assert f"error: no experiment '{S.EXPERIMENT}'" in done.stderr
     assert not (tmp_path / "reports").exists()
 
 
@@ -113,4 +114,4 @@ def test_report_finds_the_runs_of_dvc_experiments_by_name(
     )
     assert "report: 2 runs" in done.stdout
     with pytest.raises(report.ConfigError, match=r"no run is tagged dvc\.exp_name = 'no-such-exp'"):
-        report.find_runs(MlflowClient(uri), tracking.EXPERIMENT, [], ["no-such-exp"])
+        report.find_runs(MlflowClient(uri), S.EXPERIMENT, [], ["no-such-exp"])

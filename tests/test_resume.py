@@ -19,7 +19,7 @@ import pytest
 from helpers import clean_env, copy_project, dvc, sh, start_repro, wait_for
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline import store
 
 pytestmark = pytest.mark.slow
 PARAMS = {"data": {"source": "bundled"}, "train": {"epochs": 6}, "readouts": ["state_h"]}
@@ -32,7 +32,7 @@ def curve(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]
 
 def runs(repo: Path) -> tuple[MlflowClient, list]:
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    experiment = client.get_experiment_by_name(store.EXPERIMENT)
     return client, client.search_runs([experiment.experiment_id])
 
 

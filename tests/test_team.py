@@ -19,7 +19,7 @@ import pytest
 from helpers import GIT, assert_no_tf_noise, clean_env, copy_project, poll, sh, wait_for_queue
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline import store
 
 pytestmark = pytest.mark.slow
 PARAMS = {"data": {"source": "bundled"}, "train": {"epochs": 1}, "readouts": ["state_h"]}
@@ -85,7 +85,7 @@ def test_two_machines_share_a_server_a_dvc_remote_and_experiments(
         assert len(r) > 20 and set(r) == {200}, r
 
     client = MlflowClient(server)
-    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    experiment = client.get_experiment_by_name(store.EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id], "tags.`dvc.exp_name` != ''")
     assert sorted(r.data.params["train.lr"] for r in runs) == sorted(LRS["a"] + LRS["b"])
     points = 0

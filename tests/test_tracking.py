@@ -18,32 +18,32 @@ import pytest
 from helpers import clean_env, free_port, run_stage, working_in, write_params, write_prepared
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline import store, tracking
 from pipeline.stage import ConfigError
 
 
 def test_project_root_is_the_workspace_even_inside_a_dvc_temp_copy(
     isolated: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert tracking.project_root() == isolated
+    assert store.project_root() == isolated
     temp_copy = isolated / ".dvc" / "tmp" / "exps" / "standalone" / "tmpab12"
     temp_copy.mkdir(parents=True)
     monkeypatch.chdir(temp_copy)
-    assert tracking.project_root() == isolated
+    assert store.project_root() == isolated
     (isolated / "sub" / "dir").mkdir(parents=True)
     monkeypatch.chdir(isolated / "sub" / "dir")  # from any folder inside the repository
-    assert tracking.project_root() == isolated
+    assert store.project_root() == isolated
     monkeypatch.setenv("DVC_ROOT", str(isolated / "elsewhere"))
-    assert tracking.project_root() == isolated / "elsewhere"
+    assert store.project_root() == isolated / "elsewhere"
 
 
 def test_default_store_is_sqlite_in_the_root_with_artifacts_beside_it(isolated: Path) -> None:
-    experiment_id = tracking.configure()
+    experiment_id = store.configure()
     assert mlflow.get_tracking_uri() == f"sqlite:///{isolated / 'mlflow.db'}"
     experiment = mlflow.get_experiment(experiment_id)
-    assert experiment.name == tracking.EXPERIMENT
+    assert experiment.name == store.EXPERIMENT
     assert experiment.artifact_location == (isolated / "mlruns").as_uri()
-    assert tracking.configure() == experiment_id  # found again, not created twice
+    assert store.configure() == experiment_id  # found again, not created twice
 
 
 def test_environment_picks_another_store_and_experiment(
@@ -52,14 +52,14 @@ def test_environment_picks_another_store_and_experiment(
     uri = f"sqlite:///{isolated / 'server.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "sweep")
-    experiment_id = tracking.configure()
+    experiment_id = store.configure()
     assert mlflow.get_tracking_uri() == uri
     assert mlflow.get_experiment(experiment_id).name == "sweep"
     assert not (isolated / "mlflow.db").exists()
 
 
 def test_metric_buffer_sends_everything_in_chunks_of_at_most_1000(isolated: Path) -> None:
-    experiment_id = tracking.configure()
+    experiment_id = store.configure()
     client = MlflowClient()
     run_id = client.create_run(experiment_id).info.run_id
     buffer = tracking.MetricBuffer(run_id)
@@ -78,7 +78,7 @@ def test_an_unreachable_tracking_server_fails_fast_with_a_fix(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     start = time.monotonic()
     with pytest.raises(ConfigError, match=r"MLFLOW_TRACKING_URI=http://127\.0\.0\.1.*unset"):
-        tracking.configure()
+        store.configure()
     assert time.monotonic() - start < 30  # seconds, not the minutes of a hanging client
 
 
@@ -87,10 +87,10 @@ def test_a_silent_tracking_server_fails_within_the_timeout(
 ) -> None:
     listener = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{listener.getsockname()[1]}")
-    monkeypatch.setattr(tracking, "SERVER_TIMEOUT", 0.5)  # the patch is what configure() waits
+    monkeypatch.setattr(store, "SERVER_TIMEOUT", 0.5)  # the patch is what configure() waits
     start = time.monotonic()
     with pytest.raises(ConfigError, match=r"no MLflow server answered within 0\.5 s"):
-        tracking.configure()
+        store.configure()
     assert time.monotonic() - start < 30  # not the 5 s default nor a hang (kept loose for CI)
     listener.close()
 
@@ -100,9 +100,9 @@ def test_parallel_stages_creating_a_fresh_store_at_once_all_succeed(isolated: Pa
     """Without the lock, MLflow's schema migrations race (alembic CommandError) and stages die."""
     code = (
         "import sys, time\n"
-        "from pipeline import tracking\n"
+        "from pipeline import store\n"
         "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"  # start together
-        "print(tracking.configure())\n"
+        "print(store.configure())\n"
     )
     start_at = str(time.time() + 8)  # after every process has imported MLflow
     env = clean_env()
@@ -130,10 +130,10 @@ OLDER_REVISION = "75868b020152"  # mlflow/store/db_migrations/versions: the one 
 
 @pytest.fixture(scope="module")
 def intact_store(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    """The bytes of a real store made by tracking.configure(), built once for the damage tests."""
+    """The bytes of a real store made by store.configure(), built once for the damage tests."""
     root = tmp_path_factory.mktemp("intact")
     with working_in(root):
-        tracking.configure()
+        store.configure()
     return (root / "mlflow.db").read_bytes()
 
 
@@ -176,7 +176,7 @@ def test_a_damaged_store_fails_in_one_line_and_is_left_untouched(
     os.utime(db, ns=(1_000_000_000 * 10**9, 1_000_000_000 * 10**9))  # 2001: any write shows
     before, mtime = db.read_bytes(), db.stat().st_mtime_ns
     with pytest.raises(ConfigError, match=expected) as info:
-        tracking.configure()
+        store.configure()
     message = str(info.value)
     assert message.startswith(str(db)) and "\n" not in message
     assert db.read_bytes() == before and db.stat().st_mtime_ns == mtime
@@ -188,8 +188,8 @@ def test_an_intact_store_a_new_one_and_a_crashed_writers_journal_pass_the_check(
 ) -> None:
     db = isolated / "mlflow.db"
     db.write_bytes(b"")  # empty: MLflow creates the store in it
-    experiment_id = tracking.configure()
-    tracking.check_store(db)
+    experiment_id = store.configure()
+    store.check_store(db)
     # A writer killed mid-transaction leaves a hot journal: a read-only connection cannot roll
     # it back (SQLITE_READONLY_ROLLBACK), MLflow's read-write one does; so this is no damage.
     crash = (
@@ -203,7 +203,7 @@ def test_an_intact_store_a_new_one_and_a_crashed_writers_journal_pass_the_check(
     )
     subprocess.run([sys.executable, "-c", crash], cwd=isolated, check=False)
     assert (isolated / "mlflow.db-journal").exists()
-    assert tracking.configure() == experiment_id
+    assert store.configure() == experiment_id
     assert not (isolated / "mlflow.db-journal").exists()  # rolled back by MLflow
 
 
@@ -270,10 +270,10 @@ def test_a_server_that_refuses_the_login_stops_the_stage_in_one_line(
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", login[1])
     try:
         if message is None:
-            tracking.check_server(uri)  # the login works: no error
+            store.check_server(uri)  # the login works: no error
         else:
             with pytest.raises(ConfigError, match=re.escape(message)):
-                tracking.check_server(uri)
+                store.check_server(uri)
     finally:
         server.shutdown()
         server.server_close()

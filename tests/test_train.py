@@ -9,7 +9,7 @@ import pytest
 from helpers import assert_no_tf_noise, make_params, run_stage, write_params, write_prepared
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline import store
 from pipeline import train as T
 from pipeline.train import epoch_batches
 
@@ -93,7 +93,7 @@ def test_a_crash_marks_the_run_failed_and_keeps_the_checkpoint(
     with pytest.raises(RuntimeError, match="disk on fire"):
         T.train("state_h")
     client = MlflowClient(f"sqlite:///{isolated / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    experiment = client.get_experiment_by_name(store.EXPERIMENT)
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FAILED"
     assert (isolated / "checkpoints/state_h/checkpoint.npz").exists()  # a rerun resumes it

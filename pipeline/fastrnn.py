@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from pipeline.model import READOUTS
 from pipeline.tf import keras, tf
 
 UNROLL_MAX = 64  # longer sequences run in a tf.while_loop instead of an unrolled graph
@@ -260,6 +261,7 @@ def stateful_fn(model: keras.Model, readout: str) -> Callable[..., tuple[tf.Tens
     projection, rnn, head = (model.get_layer(n) for n in ("input_projection", "rnn", "logits"))
     cell = rnn.cell
     lstm, gru = type(rnn) is keras.layers.LSTM, type(rnn) is keras.layers.GRU
+    kind, which = READOUTS[readout]
 
     def weights() -> tuple[tf.Tensor, ...]:
         """(fused kernel [F, G], u [H, G], bias [G], *extra) in the order the sequence fn takes."""
@@ -288,11 +290,11 @@ def stateful_fn(model: keras.Model, readout: str) -> Callable[..., tuple[tf.Tens
             else:
                 hs = (gru_sequence if gru else simple_rnn_sequence)(part, *init, kernel, u, *biases)
                 last.append((hs[-1],))
-            if readout == "state_c":
-                features.append(last[-1][1])
-            elif readout == "output_mean":
+            if kind == "state":
+                features.append(last[-1][which])
+            elif which == "mean":
                 features.append(tf.reduce_mean(hs, axis=0))
-            else:  # state_h and output_last are the same tensor, h_T
+            else:  # output_last: the last step's output is h_T, as state_h
                 features.append(hs[-1])
         logits = head(tf.concat(features, axis=0))
         return logits, *(tf.concat(s, axis=0) for s in zip(*last, strict=True))

@@ -13,6 +13,14 @@ from pipeline.stage import DataError
 from pipeline.tf import keras
 
 CELLS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "simple_rnn": keras.layers.SimpleRNN}
+# What each readout reads from the recurrent layer: a final state (0 = h, 1 = c) or the output
+# sequence (its last step or its mean). The one place that says it; fastrnn reads it too.
+READOUTS: dict[str, tuple[str, int | str]] = {
+    "state_h": ("state", 0),  # the blog post's state[1]
+    "state_c": ("state", 1),  # LSTM only
+    "output_last": ("output", "last"),  # output[:, -1]
+    "output_mean": ("output", "mean"),
+}
 
 
 def build_model(
@@ -28,24 +36,24 @@ def build_model(
     # The post's tf.layers.dense(x, n_cell): linear, applied to every step alike.
     x = keras.layers.Dense(input_units, name="input_projection")(inputs)
     options = {"unit_forget_bias": unit_forget_bias} if cell == "lstm" else {}
+    kind, which = READOUTS[readout]
     rnn = CELLS[cell](
         units,
-        return_sequences=readout.startswith("output_"),
-        return_state=readout.startswith("state_"),
+        return_sequences=kind == "output",
+        return_state=kind == "state",
         name="rnn",
         **options,
     )
-    if readout.startswith("state_"):
-        # LSTM returns [output, h, c]; GRU and SimpleRNN return [output, h].
-        _, *states = rnn(x)
-        features_out = states[0] if readout == "state_h" else states[1]
-    else:
+    if kind == "state":
+        _, *states = rnn(x)  # LSTM returns [output, h, c]; GRU and SimpleRNN [output, h]
+        features_out = states[which]
+    elif which == "last":
         sequence = rnn(x)  # [batch, steps, units]
-        if readout == "output_last":  # output[:, -1]
-            last = keras.layers.Cropping1D((steps - 1, 0), name="last_step")(sequence)
-            features_out = keras.layers.Flatten(name="output_last")(last)
-        else:  # output_mean: the mean over all steps
-            features_out = keras.layers.GlobalAveragePooling1D(name="output_mean")(sequence)
+        last = keras.layers.Cropping1D((steps - 1, 0), name="last_step")(sequence)
+        features_out = keras.layers.Flatten(name="output_last")(last)
+    else:
+        sequence = rnn(x)
+        features_out = keras.layers.GlobalAveragePooling1D(name="output_mean")(sequence)
     logits = keras.layers.Dense(10, name="logits")(features_out)
     return keras.Model(inputs, logits, name=f"{cell}_{readout}")
 

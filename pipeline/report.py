@@ -73,18 +73,8 @@ def dirty(run: Run) -> str:
 def table(runs: list[Run], best_val: dict[str, float]) -> str:
     keys = sorted({k for run in runs for k in run.data.params})
     differ = [k for k in keys if len({run.data.params.get(k) for run in runs}) > 1]
-    header = [
-        "run",
-        "readout",
-        "dvc exp",
-        "dirty",
-        *differ,
-        "test acc",
-        "best val acc",
-        "train s",
-        "samples/s",
-    ]
-    header += ["peak RSS MiB", "params hash"]
+    header = ["run", "readout", "dvc exp", "dirty", *differ, "test acc", "best val acc"]
+    header += ["train s", "samples/s", "peak RSS MiB", "params hash"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def number(run: Run, key: str, fmt: str) -> str:

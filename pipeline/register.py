@@ -2,8 +2,8 @@
 
 Each trained readout's network is logged as an image model (pipeline/image_model.py: images
 [N, 28, 28] in, class probabilities out) and registered as a new version of `registry.name`
-(default rnn-<dataset>), tagged with what a reviewer needs. The best version of this run becomes
-alias `challenger`. It becomes `champion` only if it beats the current champion by more than
+(default rnn-<dataset>), tagged with its training run's tags (data, commit, a dirty workspace)
+and its test accuracy. The best version of this run becomes alias `challenger`. It becomes `champion` only if it beats the current champion by more than
 registry.min_improvement in test accuracy on this run's test images (the champion is scored again
 when it was tested on other images), and a model trained on the bundled subset never displaces
 one trained on full-size data. Every decision is printed, tagged on the versions and written to

@@ -2,8 +2,8 @@
 
 Each trained readout's network is logged as an image model (pipeline/image_model.py: images
 [N, 28, 28] in, class probabilities out) and registered as a new version of `registry.name`
-(default rnn-<dataset>), tagged with what a reviewer needs. The best version of this run becomes
-alias `challenger`. It becomes `champion` only if it beats the current champion by more than
+(default rnn-<dataset>), tagged with its training run's tags (data, commit, a dirty workspace)
+and its test accuracy. The best version of this run becomes alias `challenger`. It becomes `champion` only if it beats the current champion by more than
 registry.min_improvement in test accuracy on this run's test images (the champion is scored again
 when it was tested on other images), and a model trained on the bundled subset never displaces
 one trained on full-size data. Every decision is printed, tagged on the versions and written to
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import random
 import tempfile
 import time
@@ -188,98 +187,126 @@ def decision_lock(client: MlflowClient, uri: str, name: str) -> Iterator[None]:
         client.delete_registered_model(lock)
 
 
+def check_model(client: MlflowClient, name: str, dataset: str) -> None:
+    """Create the registered model if need be; refuse one that holds another dataset's models."""
+    with contextlib.suppress(MlflowException):  # it exists already
+        client.create_registered_model(name, description=f"{dataset} classifiers: images in")
+    others = {v.tags.get("data.dataset") for v in client.search_model_versions(f"name = '{name}'")}
+    if others - {dataset, None}:
+        raise ConfigError(
+            f"registry.name {name!r} holds {', '.join(sorted(others - {None}))} models, not "
+            f"{dataset}: models of two datasets never compete; choose another registry.name"
+        )
+
+
+def version_tags(client: MlflowClient, readout: str, test_sha: str) -> dict[str, str]:
+    """The train run's own tags (readout, data, sequence, git, DVC experiment: tracking.run_tags),
+    and what only this stage knows."""
+    run_id = read_json(MODELS / readout / "run.json")["run_id"]
+    run = client.get_run(run_id)
+    own = {key: value for key, value in run.data.tags.items() if not key.startswith("mlflow.")}
+    return own | {
+        "test_accuracy": str(read_json(EVAL / readout / "metrics.json")["test_accuracy"]),
+        "test_data.sha256": test_sha,
+        "params_hash": tracking.params_hash(run.data.params),
+        "run_id": run_id,
+    }
+
+
+def register_readouts(
+    client: MlflowClient, name: str, params: P.Params, test: dict[str, np.ndarray]
+) -> list[ModelVersion]:
+    """Each readout's version (its run's, or a new one), with a printed line for each."""
+    dataset = params.data.dataset
+    check_model(client, name, dataset)
+    test_sha = hashlib.sha256(test["x_test"].tobytes() + test["y_test"].tobytes()).hexdigest()
+    index = sequence_index(read_json(PREPARED / "meta.json")["order"], params.seed)
+    example = test["x_test"][:2].astype(np.float32)  # two real test images, 0-255
+    versions = []
+    for readout in params.readouts:
+        tags = version_tags(client, readout, test_sha)
+        version, new = register(
+            client,
+            name,
+            tags,
+            lambda r=readout, i=tags["run_id"]: log_image_model(r, i, index, dataset, example),
+        )
+        print(
+            f"register {readout}: {name} v{version.version} "
+            + ("registered" if new else "already registered for this run")
+            + f", test accuracy {float(version.tags['test_accuracy']):.4f}"
+        )
+        versions.append(version)
+    return versions
+
+
+def settle(
+    client: MlflowClient,
+    name: str,
+    versions: list[ModelVersion],
+    test: dict[str, np.ndarray],
+    margin: float,
+) -> dict:
+    """Set the aliases and the decision tags; return the record for reports/registry.json."""
+    challenger = max(versions, key=lambda v: float(v.tags["test_accuracy"]))
+    client.set_registered_model_alias(name, "challenger", challenger.version)
+    takes, reason = decide(client, name, challenger, test, margin)
+    if takes:
+        client.set_registered_model_alias(name, "champion", challenger.version)
+    decision = "champion" if takes else "challenger"
+    client.set_model_version_tag(name, challenger.version, "registry.decision", decision)
+    client.set_model_version_tag(name, challenger.version, "registry.reason", reason)
+    for other in (v for v in versions if v.version != challenger.version):
+        why = f"v{challenger.version} of the same run is the challenger (the best, or first)"
+        client.set_model_version_tag(name, other.version, "registry.decision", "none")
+        client.set_model_version_tag(name, other.version, "registry.reason", why)
+    return {
+        "name": name,
+        "versions": {v.tags["readout"]: int(v.version) for v in versions},
+        "challenger": int(challenger.version),
+        "champion": int(client.get_model_version_by_alias(name, "champion").version),
+        "decision": decision,
+        "reason": reason,
+        # Whether the challenger's run came from git.commit as committed (tracking.git_state);
+        # unknown also for a version registered before runs were tagged so.
+        "challenger_dirty": challenger.tags.get("git.dirty", "unknown"),
+        "challenger_diff_sha256": challenger.tags.get("git.diff_sha256", ""),
+    }
+
+
+def decision_line(record: dict) -> str:
+    """What the stage prints: which version is champion, and why."""
+    version = f"{record['name']} v{record['challenger']}"
+    dirty, diff = record["challenger_dirty"], record["challenger_diff_sha256"]
+    if dirty == "unknown":
+        version += " (not known whether from a clean commit)"
+    elif dirty != "false":
+        version += f" (from a dirty workspace: {dirty}, diff {diff[:12]})"
+    if record["decision"] == "champion":
+        return f"register: {version} is the champion: {record['reason']}"
+    return (
+        f"register: {version} is the challenger, v{record['champion']} stays champion: "
+        f"{record['reason']}"
+    )
+
+
 def main() -> None:
     params = P.load()
-    dataset = params.data.dataset
-    name = params.registry.model_name(dataset)
-    meta = read_json(PREPARED / "meta.json")
+    name = params.registry.model_name(params.data.dataset)
     test = load_npz(RAW / "dataset.npz", ("x_test", "y_test"))
-    test_sha = hashlib.sha256(test["x_test"].tobytes() + test["y_test"].tobytes()).hexdigest()
-    index = sequence_index(meta["order"], params.seed)
-    example = test["x_test"][:2].astype(np.float32)  # two real test images, 0-255
     store.quiet_artifacts()
     uri = store.tracking_uri()
     store.configure()
     client = MlflowClient()
-
     # SQLite takes one writer at a time: stages on one machine register in turn. On a server,
     # uploads and registrations go on in parallel; only the decision below waits for others.
     with store.store_lock(uri):
-        with contextlib.suppress(MlflowException):  # it exists already
-            client.create_registered_model(name, description=f"{dataset} classifiers: images in")
-        others = {
-            v.tags.get("data.dataset") for v in client.search_model_versions(f"name = '{name}'")
-        }
-        if others - {dataset, None}:
-            raise ConfigError(
-                f"registry.name {name!r} holds {', '.join(sorted(others - {None}))} models, not "
-                f"{dataset}: models of two datasets never compete; choose another registry.name"
-            )
-        versions = []
-        for readout in params.readouts:
-            run = read_json(MODELS / readout / "run.json")
-            logged = client.get_run(run["run_id"])
-            accuracy_ = read_json(EVAL / readout / "metrics.json")["test_accuracy"]
-            tags = {
-                "readout": readout,
-                "model.cell": params.model.cell,
-                "sequence.order": meta["order"],
-                "test_accuracy": str(accuracy_),
-                "data.dataset": dataset,
-                "data.source": meta["source"]["source"],
-                "data.sha256": meta["sha256"],
-                "test_data.sha256": test_sha,
-                "git.commit": logged.data.tags.get("git.commit", "unknown"),
-                "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
-                "params_hash": tracking.params_hash(logged.data.params),
-                "run_id": run["run_id"],
-            }
-            version, new = register(
-                client,
-                name,
-                tags,
-                lambda r=readout, i=run["run_id"]: log_image_model(r, i, index, dataset, example),
-            )
-            print(
-                f"register {readout}: {name} v{version.version} "
-                + ("registered" if new else "already registered for this run")
-                + f", test accuracy {float(version.tags['test_accuracy']):.4f}"
-            )
-            versions.append(version)
-
-    challenger = max(versions, key=lambda v: float(v.tags["test_accuracy"]))
+        versions = register_readouts(client, name, params, test)
     # Parallel experiments, on one machine or many, must not both take the champion alias.
     with decision_lock(client, uri, name):
-        client.set_registered_model_alias(name, "challenger", challenger.version)
-        takes, reason = decide(client, name, challenger, test, params.registry.min_improvement)
-        if takes:
-            client.set_registered_model_alias(name, "champion", challenger.version)
-        decision = "champion" if takes else "challenger"
-        client.set_model_version_tag(name, challenger.version, "registry.decision", decision)
-        client.set_model_version_tag(name, challenger.version, "registry.reason", reason)
-        for other in (v for v in versions if v.version != challenger.version):
-            why = f"v{challenger.version} of the same run is the challenger (the best, or first)"
-            client.set_model_version_tag(name, other.version, "registry.decision", "none")
-            client.set_model_version_tag(name, other.version, "registry.reason", why)
-        champion = client.get_model_version_by_alias(name, "champion")
-    if takes:
-        print(f"register: {name} v{challenger.version} is the champion: {reason}")
-    else:
-        print(
-            f"register: {name} v{challenger.version} is the challenger, "
-            f"v{champion.version} stays champion: {reason}"
-        )
-    write_json(
-        REGISTRY,
-        {
-            "name": name,
-            "versions": {v.tags["readout"]: int(v.version) for v in versions},
-            "challenger": int(challenger.version),
-            "champion": int(champion.version),
-            "decision": decision,
-            "reason": reason,
-        },
-    )
+        record = settle(client, name, versions, test, params.registry.min_improvement)
+    print(decision_line(record))
+    write_json(REGISTRY, record)
 
 
 if __name__ == "__main__":

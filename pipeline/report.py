@@ -3,8 +3,10 @@
 Reads every FINISHED run of the experiment (or the runs named, or those of the DVC experiments
 named: their `dvc.exp_name` tag, as `dvc exp show` names them) with full metric histories, not the
 UI's sampled charts, and writes to reports/experiments/ (no stage writes or deletes it):
-  report.md           one row per run: the params that differ between runs, test accuracy, best
-                      val accuracy, training seconds, samples/s, peak RSS, a hash of all params
+  report.md           one row per run: its DVC experiment (blank: a workspace run), whether its
+                      params or code differed from its commit (dirty), the params that differ
+                      between runs, test accuracy, best val accuracy, training seconds, samples/s,
+                      peak RSS, a hash of all params
   curves.png          batch accuracy (smoothed) and val accuracy per epoch, one line per run
   cell_by_order.png   best test accuracy for each model.cell x sequence.order
 Not a DVC stage: its input is the MLflow store, which grows with every experiment.
@@ -61,11 +63,18 @@ def label(run: Run) -> str:
     return f"{run.info.run_name} [{run.data.tags.get('dvc.exp_name') or run.info.run_id[:6]}]"
 
 
+def dirty(run: Run) -> str:
+    """git.dirty in the table: blank if the run came from its commit as committed, else what
+    differed (params, code), or ? when not known (no git, or a run from before the tag)."""
+    state = run.data.tags.get("git.dirty", "unknown")
+    return {"false": "", "unknown": "?"}.get(state, state)
+
+
 def table(runs: list[Run], best_val: dict[str, float]) -> str:
     keys = sorted({k for run in runs for k in run.data.params})
     differ = [k for k in keys if len({run.data.params.get(k) for run in runs}) > 1]
-    header = ["run", "readout", *differ, "test acc", "best val acc", "train s", "samples/s"]
-    header += ["peak RSS MiB", "params hash"]
+    header = ["run", "readout", "dvc exp", "dirty", *differ, "test acc", "best val acc"]
+    header += ["train s", "samples/s", "peak RSS MiB", "params hash"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def number(run: Run, key: str, fmt: str) -> str:
@@ -75,6 +84,7 @@ def table(runs: list[Run], best_val: dict[str, float]) -> str:
     ordered = sorted(runs, key=lambda r: -r.data.metrics.get("test_accuracy", -1.0))
     for run in ordered:
         cells = [f"`{run.info.run_id[:8]}` {run.info.run_name}", run.data.tags.get("readout", "-")]
+        cells += [run.data.tags.get("dvc.exp_name", ""), dirty(run)]
         cells += [run.data.params.get(k, "-") for k in differ]
         val = best_val.get(run.info.run_id)
         cells += [number(run, "test_accuracy", ".4f"), "-" if val is None else f"{val:.4f}"]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
@@ -32,32 +33,82 @@ def params_hash(params: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def git_commit() -> str:
+# What a run depends on besides its data (data.sha256 names that; DVC-tracked outputs are made,
+# not inputs): a change to these since git.commit means the commit alone cannot reproduce the run.
+SOURCES = {"params": ("params.yaml",), "code": ("pipeline/*.py", "dvc.yaml", "pyproject.toml")}
+GIT_TIMEOUT = 10  # seconds; git answers in milliseconds, a hung one must not stop training
+
+
+def _git(*args: str) -> bytes:
+    # --no-optional-locks: never write the index, which the user's own git may be using
+    command = ("git", "--no-optional-locks", *args)
+    return subprocess.run(command, capture_output=True, check=True, timeout=GIT_TIMEOUT).stdout
+
+
+def _status(paths: list[str]) -> tuple[str, list[bytes], list[bytes]]:
+    """(HEAD commit, changed tracked paths, untracked paths) among paths, in one git call."""
+    status = ("status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all", "--no-renames")
+    entries = _git(*status, "--", *paths).split(b"\0")
+    oid = b"# branch.oid "
+    commit = next(e.removeprefix(oid).decode() for e in entries if e.startswith(oid))
+    if commit == "(initial)":
+        raise ValueError("no commit yet")
+    changed = [e.split(b" ", 8)[8] for e in entries if e.startswith(b"1 ")]
+    changed += [e.split(b" ", 10)[10] for e in entries if e.startswith(b"u ")]  # unmerged
+    return commit, changed, sorted(e[2:] for e in entries if e.startswith(b"? "))
+
+
+def _toplevel() -> Path:
+    """The work tree's root, where git status names paths from."""
+    here = Path.cwd()
+    return next((d for d in (here, *here.parents) if (d / ".git").exists()), here)
+
+
+def git_state() -> dict[str, str]:
+    """git.commit; git.dirty: false, or which of params and code differ from it (params,code);
+    when dirty, git.diff_sha256: sha256 of `git diff HEAD` over SOURCES followed by each untracked
+    file among them (NUL, path, NUL, content). No git or no commit: git.dirty is unknown."""
+    paths = [path for group in SOURCES.values() for path in group]
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return os.environ.get("DVC_EXP_BASELINE_REV", "unknown")
+        commit, changed, untracked = _status(paths)
+        # Under `dvc exp run` (workspace, --temp or --queue alike) git sees the -S params and the
+        # workspace's edits applied over the baseline; DVC commits them all into the experiment,
+        # so they do not count. It leaves untracked files out of that commit: those still do.
+        if os.environ.get("DVC_EXP_NAME"):
+            changed = []
+        diff = b""
+        if changed:
+            options = ("--binary", "--no-color", "--no-ext-diff", "--no-textconv", "--no-relative")
+            prefixes = ("--src-prefix=a/", "--dst-prefix=b/")  # whatever the user's diff config
+            diff = _git("diff", "HEAD", *options, *prefixes, "--", *paths)
+        root = _toplevel()
+        for path in untracked:
+            diff += b"\0" + path + b"\0" + (root / os.fsdecode(path)).read_bytes()
+    except (OSError, subprocess.SubprocessError, StopIteration, ValueError):
+        commit = os.environ.get("DVC_EXP_BASELINE_REV", "unknown")
+        return {"git.commit": commit, "git.dirty": "unknown"}
+    is_params = {Path(os.fsdecode(path)).name == "params.yaml" for path in changed + untracked}
+    kinds = [kind for kind, params in (("params", True), ("code", False)) if params in is_params]
+    if not kinds:
+        return {"git.commit": commit, "git.dirty": "false"}
+    digest = hashlib.sha256(diff).hexdigest()
+    return {"git.commit": commit, "git.dirty": ",".join(kinds), "git.diff_sha256": digest}
 
 
 def run_tags(readout: str, meta: dict) -> dict[str, str]:
     """Tags that let runs be grouped and trusted: what was read out, from which data and code."""
     source = meta["source"]
-    commit = git_commit()
-    tags = {
+    git = git_state()
+    return {
         "readout": readout,
         "data.source": source["source"],
         "data.dataset": source["dataset"],
         "data.sha256": meta["sha256"],
         "sequence.order": meta["order"],
-        "git.commit": commit,
-        "mlflow.source.git.commit": commit,
+        **git,
+        "mlflow.source.git.commit": git["git.commit"],
+        "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),  # "": a workspace run
     }
-    if exp := os.environ.get("DVC_EXP_NAME"):
-        tags["dvc.exp_name"] = exp
-    return tags
 
 
 class MetricBuffer:

@@ -80,7 +80,7 @@ def test_one_finished_run_per_readout_with_params_and_tags(
         assert tags["readout"] == readout
         assert tags["data.source"] == "bundled"
         assert tags["data.sha256"] == meta["sha256"]
-        assert len(tags["git.commit"]) == 40
+        assert len(tags["git.commit"]) == 40 and tags["git.dirty"] == "false"
         metrics = run.data.metrics
         for key in ("accuracy", "loss", "val_accuracy", "val_loss", "test_accuracy", "test_loss"):
             assert key in metrics
@@ -220,6 +220,8 @@ def test_temp_experiment_lands_in_the_root_store(repo: Path, client: MlflowClien
     assert run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == "0.002"
     assert run.data.tags["dvc.exp_name"]
+    # In the temp copy git sees the -S params over the baseline; DVC commits them: not dirty.
+    assert run.data.tags["git.dirty"] == "false"
     assert "test_accuracy" in run.data.metrics  # evaluate found the run that train opened
     assert run.info.artifact_uri.startswith((repo / "mlruns").as_uri())
     query = f"source_run_id = '{run.info.run_id}'"

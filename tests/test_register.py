@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import mlflow
@@ -13,7 +14,8 @@ import pytest
 from helpers import log_small_image_model, working_in
 from mlflow.tracking import MlflowClient
 
-from pipeline import register
+from pipeline import register, tracking
+from pipeline.io import write_json
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +33,15 @@ class Registry(NamedTuple):
     uri: str
     test: dict[str, np.ndarray]
 
-    def version(self, accuracy: float, source: str = "download", test_sha: str = "a"):
+    def version(
+        self,
+        accuracy: float,
+        source: str = "download",
+        test_sha: str = "a",
+        more: dict[str, str] | None = None,
+    ):
         tags = {"test_accuracy": str(accuracy), "data.source": source, "test_data.sha256": test_sha}
-        return self.client.create_model_version(self.name, self.uri, tags=tags)
+        return self.client.create_model_version(self.name, self.uri, tags=tags | (more or {}))
 
     def crown(self, accuracy: float, **tags: str) -> None:
         champion = self.version(accuracy, **tags)
@@ -94,3 +102,64 @@ def test_a_champion_tested_on_other_images_is_scored_again_on_these(registry: Re
         f"vs champion v1's {rescored:.4f} (champion re-scored on this run's 30 test images)"
         in reason
     )
+
+
+DIFF = "3fa2c1d0e4b5" + "7" * 52
+
+
+@pytest.mark.parametrize(
+    ("git", "note"),
+    [
+        ({"git.dirty": "false"}, ""),
+        (
+            {"git.dirty": "params,code", "git.diff_sha256": DIFF},
+            " (from a dirty workspace: params,code, diff 3fa2c1d0e4b5)",
+        ),
+        ({}, " (not known whether from a clean commit)"),  # registered before runs said
+    ],
+)
+def test_the_decision_says_when_the_challenger_came_from_a_dirty_workspace(
+    registry: Registry, git: dict[str, str], note: str
+) -> None:
+    registry.crown(0.90)
+    best = registry.version(0.95, more={"readout": "state_h"} | git)
+    other = registry.version(0.93, more={"readout": "output_last", "git.dirty": "false"})
+    record = register.settle(registry.client, registry.name, [best, other], registry.test, 0.0)
+    assert record == {
+        "name": registry.name,
+        "versions": {"state_h": 2, "output_last": 3},
+        "challenger": 2,
+        "champion": 2,
+        "decision": "champion",
+        "reason": "test accuracy 0.9500 vs champion v1's 0.9000 (the same test images): "
+        "better by 0.0500",
+        "challenger_dirty": git.get("git.dirty", "unknown"),
+        "challenger_diff_sha256": git.get("git.diff_sha256", ""),
+    }
+    assert register.decision_line(record) == (
+        f"register: {registry.name} v2{note} is the champion: {record['reason']}"
+    )
+    record |= {"decision": "challenger", "champion": 1}
+    assert register.decision_line(record).startswith(
+        f"register: {registry.name} v2{note} is the challenger, v1 stays champion: test accuracy"
+    )
+
+
+def test_a_version_carries_its_runs_own_tags_and_what_register_adds(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    meta = {"source": {"source": "bundled", "dataset": "mnist"}, "sha256": "0" * 64}
+    own = tracking.run_tags("state_h", meta | {"order": "rows"}) | {"model.cell": "gru"}
+    run = registry.client.create_run("0", tags=own)
+    registry.client.log_param(run.info.run_id, "train.lr", "0.001")
+    monkeypatch.chdir(tmp_path)
+    write_json(tmp_path / "models/state_h/run.json", {"run_id": run.info.run_id})
+    write_json(tmp_path / "eval/state_h/metrics.json", {"test_accuracy": 0.96})
+    tags = register.version_tags(registry.client, "state_h", "b" * 64)
+    assert tags == {key: value for key, value in own.items() if not key.startswith("mlflow.")} | {
+        "test_accuracy": "0.96",
+        "test_data.sha256": "b" * 64,
+        "params_hash": tracking.params_hash({"train.lr": "0.001"}),
+        "run_id": run.info.run_id,
+    }
+    assert {"git.commit", "git.dirty", "dvc.exp_name", "data.dataset"} <= tags.keys()

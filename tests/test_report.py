@@ -19,6 +19,11 @@ RUNS = [
     ("lstm", "pixels", "state_h", 0.60, [0.40, 0.61, 0.55]),
     ("simple_rnn", "pixels", "output_last", 0.20, [0.11, 0.15, 0.21]),
 ]
+GIT = {  # git.dirty; gru-rows has none (a run from before the tag); simple_rnn is no DVC experiment
+    "lstm-rows": "false",
+    "lstm-pixels": "false",
+    "simple_rnn-pixels": "params",
+}
 BATCHES = 2500  # more points than the UI's charts sample
 
 
@@ -43,7 +48,11 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]
         for key, value in params.items():
             client.log_param(run_id, key, value)
         client.set_tag(run_id, "readout", readout)
-        client.set_tag(run_id, "dvc.exp_name", f"exp-{cell}-{order}")
+        client.set_tag(
+            run_id, "dvc.exp_name", "" if cell == "simple_rnn" else f"exp-{cell}-{order}"
+        )
+        if f"{cell}-{order}" in GIT:
+            client.set_tag(run_id, "git.dirty", GIT[f"{cell}-{order}"])
         client.set_terminated(run_id, "FINISHED")
         ids[f"{cell}-{order}"] = run_id
     unfinished = client.create_run(experiment, run_name="still-running")
@@ -115,3 +124,25 @@ def test_report_finds_the_runs_of_dvc_experiments_by_name(
     assert "report: 2 runs" in done.stdout
     with pytest.raises(report.ConfigError, match=r"no run is tagged dvc\.exp_name = 'no-such-exp'"):
         report.find_runs(MlflowClient(uri), S.EXPERIMENT, [], ["no-such-exp"])
+
+
+def test_the_table_names_each_runs_dvc_experiment_and_marks_a_dirty_workspace(
+    store: tuple[str, dict[str, str]],
+) -> None:
+    uri, ids = store
+    client = MlflowClient(uri)
+    runs = [client.get_run(ids[key]) for key in ("lstm-rows", "simple_rnn-pixels", "gru-rows")]
+    lines = report.table(runs, {}).splitlines()
+    assert lines[0].startswith("| run | readout | dvc exp | dirty | model.cell | sequence.order |")
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:5]] for line in lines[2:]
+    }
+    assert rows == {
+        f"`{ids['lstm-rows'][:8]}` lstm-rows-state_h": ["state_h", "exp-lstm-rows", ""],
+        f"`{ids['simple_rnn-pixels'][:8]}` simple_rnn-pixels-output_last": [
+            "output_last",
+            "",
+            "params",
+        ],
+        f"`{ids['gru-rows'][:8]}` gru-rows-state_h": ["state_h", "exp-gru-rows", "?"],
+    }

@@ -1,6 +1,7 @@
 """MLflow configuration: where the store is, where artifacts go, and buffered metric logging."""
 
 import base64
+import hashlib
 import http.server
 import os
 import random
@@ -15,7 +16,16 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from helpers import clean_env, free_port, run_stage, working_in, write_params, write_prepared
+from helpers import (
+    GIT,
+    clean_env,
+    free_port,
+    run_stage,
+    sh,
+    working_in,
+    write_params,
+    write_prepared,
+)
 from mlflow.tracking import MlflowClient
 
 from pipeline import store, tracking
@@ -56,6 +66,141 @@ def test_environment_picks_another_store_and_experiment(
     assert mlflow.get_tracking_uri() == uri
     assert mlflow.get_experiment(experiment_id).name == "sweep"
     assert not (isolated / "mlflow.db").exists()
+
+
+# Provenance: whether the run's params and code are those of git.commit, in a real git repo.
+
+META = {"source": {"source": "bundled", "dataset": "mnist"}, "sha256": "0" * 64, "order": "rows"}
+COMMITTED = {"params.yaml": "lr: 1\n", "pipeline/train.py": "x = 1\n", "dvc.yaml": "stages: {}\n"}
+EDITS = {  # files written after the commit: what git.dirty must say
+    "nothing": ({}, "false"),
+    "params edited": ({"params.yaml": "lr: 2\n"}, "params"),
+    "code edited": ({"pipeline/train.py": "x = 2\n"}, "code"),
+    "both": ({"params.yaml": "lr: 2\n", "dvc.yaml": "stages: {a: {cmd: b}}\n"}, "params,code"),
+    "untracked module": ({"pipeline/new.py": "y = 1\n"}, "code"),
+    "outputs and data only": (
+        {"data/raw/x.csv": "1\n", "models/state_h/run.json": "{}", "dvc.lock": "x: 1\n"},
+        "false",
+    ),
+}
+
+
+def git_repo(root: Path) -> str:
+    """COMMITTED in a fresh git repository at root; its commit."""
+    for name, text in COMMITTED.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    sh("git", "init", "-q", cwd=root)
+    sh(*GIT, "add", "-A", cwd=root)
+    sh(*GIT, "commit", "-qm", "baseline", cwd=root)
+    return sh("git", "rev-parse", "HEAD", cwd=root).stdout.strip()
+
+
+def write(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_run_tags_say_whether_params_or_code_differ_from_the_commit(
+    isolated: Path, edit: str
+) -> None:
+    commit = git_repo(isolated)
+    files, dirty = EDITS[edit]
+    write(isolated, files)
+    tags = tracking.run_tags("state_h", META)
+    assert tags["git.commit"] == tags["mlflow.source.git.commit"] == commit
+    assert tags["git.dirty"] == dirty
+    assert tags["dvc.exp_name"] == ""  # a workspace run
+    if dirty == "false":
+        assert "git.diff_sha256" not in tags
+    elif edit != "untracked module":  # what a user gets from git diff HEAD on the same paths
+        diff = subprocess.run(
+            ["git", "diff", "HEAD", "--binary", "--", *sum(tracking.SOURCES.values(), ())],
+            cwd=isolated,
+            capture_output=True,
+            check=True,
+        ).stdout
+        assert tags["git.diff_sha256"] == hashlib.sha256(diff).hexdigest()
+
+
+def test_the_diff_hash_follows_the_content_of_untracked_modules_too(isolated: Path) -> None:
+    commit = git_repo(isolated)
+    hashes = []
+    for text in ("y = 1\n", "y = 2\n", "y = 1\n"):
+        write(isolated, {"pipeline/new.py": text})
+        hashes.append(tracking.git_state()["git.diff_sha256"])
+    assert hashes[0] == hashes[2] != hashes[1]
+    (isolated / "pipeline/new.py").unlink()
+    assert tracking.git_state() == {"git.commit": commit, "git.dirty": "false"}
+
+
+def test_a_project_in_a_subfolder_of_the_repository(isolated: Path) -> None:
+    git_repo(isolated)
+    project = isolated / "project"  # paths are the project's, git status names them from the top
+    write(project, COMMITTED)
+    sh(*GIT, "add", "-A", cwd=isolated)
+    sh(*GIT, "commit", "-qm", "project", cwd=isolated)
+    write(project, {"pipeline/new.py": "y = 1\n"})
+    write(isolated, {"params.yaml": "lr: 3\n"})  # the top's params are not the project's
+    with working_in(project):
+        assert tracking.git_state()["git.dirty"] == "code"
+
+
+def test_a_dvc_experiment_is_clean_but_for_untracked_files(
+    isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dvc exp run applies -S and the workspace's edits over the baseline and commits them all
+    into the experiment (checked with DVC 3.67 in workspace, --temp and --queue runs); untracked
+    files stay out of that commit."""
+    commit = git_repo(isolated)
+    monkeypatch.setenv("DVC_EXP_NAME", "lucky-lamb")
+    write(isolated, {"params.yaml": "lr: 2\n", "pipeline/train.py": "x = 2\n"})
+    tags = tracking.run_tags("state_h", META)
+    assert (tags["git.commit"], tags["git.dirty"], tags["dvc.exp_name"]) == (
+        commit,
+        "false",
+        "lucky-lamb",
+    )
+    write(isolated, {"pipeline/new.py": "y = 1\n"})
+    assert tracking.git_state()["git.dirty"] == "code"
+
+
+def test_one_git_call_when_clean_two_when_dirty(
+    isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    git_repo(isolated)
+    calls = []
+    real = subprocess.run
+
+    def counting(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[bytes]:
+        calls.append(command)
+        assert kwargs["timeout"] == tracking.GIT_TIMEOUT
+        return real(command, **kwargs)
+
+    monkeypatch.setattr(tracking.subprocess, "run", counting)
+    tracking.git_state()
+    assert len(calls) == 1
+    write(isolated, {"params.yaml": "lr: 2\n", "pipeline/new.py": "y = 1\n"})
+    tracking.git_state()
+    assert len(calls) == 3
+
+
+def test_without_git_or_a_commit_the_state_is_unknown(
+    isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(isolated.parent))  # tmp_path is no repo
+    unknown = {"git.commit": "unknown", "git.dirty": "unknown"}
+    assert tracking.git_state() == unknown  # not a repository
+    sh("git", "init", "-q", cwd=isolated)
+    write(isolated, COMMITTED)
+    assert tracking.git_state() == unknown  # no commit yet
+    git_repo(isolated)
+    monkeypatch.setenv("PATH", str(isolated / "no-git-here"))
+    assert tracking.git_state() == unknown  # no git program
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)  # DVC knows the commit
+    assert tracking.git_state() == {"git.commit": "a" * 40, "git.dirty": "unknown"}
 
 
 def test_metric_buffer_sends_everything_in_chunks_of_at_most_1000(isolated: Path) -> None:

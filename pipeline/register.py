@@ -171,12 +171,20 @@ def decision_lock(client: MlflowClient, uri: str, name: str) -> Iterator[None]:
                 raise
         try:
             held = client.get_registered_model(lock)
-        except MlflowException:
-            continue  # released meanwhile: try again at once
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                continue  # released meanwhile: try again at once
+            raise  # e.g. a user who may not read it: run_stage says so, rather than a busy loop
         if time.time() - held.creation_timestamp / 1000 > STALE_LOCK:
             try:
                 client.delete_registered_model(lock)
             except MlflowException as exc:
+                if exc.error_code == "PERMISSION_DENIED":  # with logins, only its creator may
+                    raise ConfigError(
+                        f"{lock!r}, left {time.time() - held.creation_timestamp / 1000:.0f} s ago "
+                        "by another user's stage that was killed, blocks the champion decision: "
+                        "only that user or the server's admin may delete it (the UI's Models page)"
+                    ) from None
                 if exc.error_code != "RESOURCE_DOES_NOT_EXIST":  # another waiter removed it
                     raise ConfigError(f"cannot remove the stale {lock!r}: {exc.message}") from None
             continue

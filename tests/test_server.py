@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -36,7 +37,8 @@ from helpers import (
 from mlflow.server import get_app_client
 from mlflow.tracking import MlflowClient
 
-from pipeline import register
+from pipeline import register, store
+from pipeline.stage import ConfigError
 
 pytestmark = pytest.mark.slow
 SMALL = {"data": {"source": "bundled"}, "train": {"epochs": 1}}
@@ -96,93 +98,183 @@ def test_a_killed_training_resumes_into_the_same_run_on_the_server(
     assert run.info.run_id == json.loads((repo / "models/state_h/run.json").read_text())["run_id"]
 
 
+@pytest.fixture
+def auth_server(database: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """`mlflow server --app-name basic-auth`: its URI and working folder (where its logins live)."""
+    folder = tmp_path / "auth"
+    folder.mkdir()
+    process, uri = start_server(database, folder, auth=True)
+    yield uri, folder
+    stop(process)
+
+
+def login(user: str, password: str | None = None) -> dict[str, str]:
+    """A login as MLflow's clients read it from the environment; users the admin made in these
+    tests have the password f"{user}-Password-123"."""
+    password = password or (ADMIN[1] if user == ADMIN[0] else f"{user}-Password-123")
+    return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
+
+
 @contextlib.contextmanager
-def as_admin() -> Iterator[None]:
-    """MLflow's admin client reads the login from the environment."""
+def as_user(env: dict[str, str] | None = None) -> Iterator[None]:
+    """Run MLflow's clients in this process with a login (the admin's by default)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
-        patch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
+        for name, value in (env or login(ADMIN[0])).items():
+            patch.setenv(name, value)
         yield
 
 
+def one_error(out: subprocess.CompletedProcess[str]) -> str:
+    """The one `error:` line of a command that failed (a stage, or `dvc repro` running one)."""
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode != 0 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    return lines[0]
+
+
 def test_a_server_with_logins_refuses_a_stage_without_one_in_seconds_and_works_with_it(
-    database: str, tmp_path: Path
+    auth_server: tuple[str, Path], tmp_path: Path
 ) -> None:
-    (tmp_path / "auth").mkdir()
-    process, uri = start_server(database, tmp_path / "auth", auth=True)
-    try:
-        request = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1")
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, timeout=10)
-        assert refused.value.code == 401
+    uri, _ = auth_server
+    request = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401
 
-        repo = copy_project(tmp_path / "repo", SMALL)
-        sh(sys.executable, "-m", "pipeline.fetch", cwd=repo)
-        sh(sys.executable, "-m", "pipeline.preprocess", cwd=repo)
-        for login, message in [
-            ({}, "the server asks for a login: set MLFLOW_TRACKING_USERNAME"),
-            (
-                {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"},
-                "the server refused user 'admin': check MLFLOW_TRACKING_PASSWORD",
-            ),
-        ]:
-            start = time.monotonic()
-            out = run_stage(
-                "train", repo, "--readout", "state_h", env={"MLFLOW_TRACKING_URI": uri, **login}
-            )
-            errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-            assert out.returncode == 2 and len(errors) == 1 and message in errors[0], out.stderr
-            assert "Traceback" not in out.stderr
-            assert time.monotonic() - start < 120  # seconds, not a training run
-            assert not (repo / "models").exists()
-
-        login = {"MLFLOW_TRACKING_USERNAME": ADMIN[0], "MLFLOW_TRACKING_PASSWORD": ADMIN[1]}
-        sh(
-            sys.executable,
-            "-m",
-            "dvc",
-            "repro",
-            cwd=repo,
-            env=clean_env(MLFLOW_TRACKING_URI=uri, **login),
+    repo = copy_project(tmp_path / "repo", SMALL)
+    sh(sys.executable, "-m", "pipeline.fetch", cwd=repo)
+    sh(sys.executable, "-m", "pipeline.preprocess", cwd=repo)
+    for credentials, message in [
+        ({}, "the server asks for a login: set MLFLOW_TRACKING_USERNAME"),
+        (
+            {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"},
+            "the server refused user 'admin': check MLFLOW_TRACKING_PASSWORD",
+        ),
+    ]:
+        start = time.monotonic()
+        out = run_stage(
+            "train", repo, "--readout", "state_h", env={"MLFLOW_TRACKING_URI": uri, **credentials}
         )
-        registry = json.loads((repo / "reports/registry.json").read_text())
-        assert registry["decision"] == "champion"
+        assert message in one_error(out) and out.returncode == 2
+        assert time.monotonic() - start < 120  # seconds, not a training run
+        assert not (repo / "models").exists()
 
-        # Users the admin made: one may only read the experiment (the server's default), one is
-        # denied it. Both are stopped before training, in one line that says what to ask for.
-        auth = get_app_client("basic-auth", tracking_uri=uri)
-        with as_admin():
-            experiment = (
-                MlflowClient(uri).get_experiment_by_name("rnn-mnist-sequences").experiment_id
-            )
-            for user in ("reader", "denied"):
-                auth.create_user(user, f"{user}-Password-123")
-            auth.grant_user_permission("denied", "experiment", experiment, "DENY")
+    admin = clean_env(MLFLOW_TRACKING_URI=uri, **login(ADMIN[0]))
+    sh(sys.executable, "-m", "dvc", "repro", cwd=repo, env=admin)
+    registry = json.loads((repo / "reports/registry.json").read_text())
+    assert registry["decision"] == "champion"
 
-        def train_as(user: str) -> subprocess.CompletedProcess[str]:
-            login = {
-                "MLFLOW_TRACKING_USERNAME": user,
-                "MLFLOW_TRACKING_PASSWORD": f"{user}-Password-123",
-            }
-            return run_stage(
-                "train", repo, "--readout", "state_h", env={"MLFLOW_TRACKING_URI": uri, **login}
-            )
-
+    # Users the admin made: one may only read the experiment (the server's default), one is
+    # denied it. Both are stopped before training, in one line that says what to ask for.
+    auth = get_app_client("basic-auth", tracking_uri=uri)
+    with as_user():
+        experiment = MlflowClient(uri).get_experiment_by_name(store.EXPERIMENT).experiment_id
         for user in ("reader", "denied"):
-            out = train_as(user)
-            errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-            assert out.returncode == 2 and len(errors) == 1, out.stderr
-            assert f"the server denies user '{user}' this" in errors[0], errors
-            assert "ask its admin for EDIT permission" in errors[0]
-            assert "Traceback" not in out.stderr and "epoch" not in out.stderr
+            auth.create_user(user, login(user)["MLFLOW_TRACKING_PASSWORD"])
+        auth.grant_user_permission("denied", "experiment", experiment, "DENY")
 
-        # docs/team.md: the admin grants EDIT on the experiment, and the user can train.
-        with as_admin():
-            auth.grant_user_permission("reader", "experiment", experiment, "EDIT")
-        out = train_as("reader")
-        assert out.returncode == 0, out.stderr
-    finally:
-        stop(process)
+    def train_as(user: str) -> subprocess.CompletedProcess[str]:
+        env = {"MLFLOW_TRACKING_URI": uri, **login(user)}
+        return run_stage("train", repo, "--readout", "state_h", env=env)
+
+    for user in ("reader", "denied"):
+        out = train_as(user)
+        error = one_error(out)
+        assert f"the server denies user '{user}' this" in error and out.returncode == 2, error
+        assert "ask its admin for EDIT permission" in error
+        assert "epoch" not in out.stderr
+
+    # The admin grants EDIT on the experiment, and the user can train.
+    with as_user():
+        auth.grant_user_permission("reader", "experiment", experiment, "EDIT")
+    out = train_as("reader")
+    assert out.returncode == 0, out.stderr
+
+
+def test_two_users_train_and_register_into_one_model_with_the_grants_of_docs_team(
+    auth_server: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/team.md's users, command by command: the admin makes the experiment and two users;
+    each runs `dvc repro` in their own clone into one registered model. Bob first gets EDIT on the
+    experiment only (what the page used to say): his register is refused in one line, after
+    training, until the admin grants the registered model too."""
+    uri, folder = auth_server
+    admin = clean_env(MLFLOW_TRACKING_URI=uri, **login(ADMIN[0]))
+    experiments = (sys.executable, "-m", "mlflow", "experiments")
+    sh(*experiments, "create", "--experiment-name", store.EXPERIMENT, cwd=tmp_path, env=admin)
+    listed = sh(*experiments, "search", cwd=tmp_path, env=admin).stdout
+    (experiment,) = [line.split()[0] for line in listed.splitlines() if store.EXPERIMENT in line]
+
+    auth = get_app_client("basic-auth", tracking_uri=uri)
+    with as_user():
+        for user in ("alice", "bob"):
+            auth.create_user(user, login(user)["MLFLOW_TRACKING_PASSWORD"])
+        auth.grant_user_permission("alice", "experiment", experiment, "EDIT")
+        auth.grant_user_permission("alice", "registered_model", "rnn-mnist", "EDIT")
+        auth.grant_user_permission("bob", "experiment", experiment, "EDIT")  # not the model, yet
+
+    def repro_as(user: str) -> subprocess.CompletedProcess[str]:
+        env = clean_env(MLFLOW_TRACKING_URI=uri, **login(user))
+        return sh(sys.executable, "-m", "dvc", "repro", cwd=tmp_path / user, env=env, check=False)
+
+    small = SMALL | {"readouts": ["state_h"], "model": {"units": 16, "input_units": 16}}
+    for user, seed in (("alice", 1), ("bob", 2)):  # two machines, two different models
+        copy_project(tmp_path / user, small | {"seed": seed})
+    out = repro_as("alice")  # the first: her register creates the registered model
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = repro_as("bob")
+    error = one_error(out)
+    assert "the server denies user 'bob' this" in error and "model-versions/create" in error
+    assert "on the registered model, for register" in error, error
+    assert (tmp_path / "bob/eval/state_h/metrics.json").exists()  # trained and evaluated
+    assert not (tmp_path / "bob/reports/registry.json").exists()
+
+    with as_user():
+        auth.grant_user_permission("bob", "registered_model", "rnn-mnist", "EDIT")
+    out = repro_as("bob")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Running stage 'register'" in out.stdout and "Running stage 'train" not in out.stdout
+
+    with as_user():
+        client = MlflowClient(uri)
+        decided = {
+            u: json.loads((tmp_path / u / "reports/registry.json").read_text())
+            for u in ("alice", "bob")
+        }
+        versions = {v.version: v for v in client.search_model_versions("name = 'rnn-mnist'")}
+        champion = client.get_model_version_by_alias("rnn-mnist", "champion")
+        names = {m.name for m in client.search_registered_models()}
+    assert sorted(versions) == ["1", "2"] and names == {"rnn-mnist"}  # no lock left
+    for user in ("alice", "bob"):
+        version = versions[str(decided[user]["versions"]["state_h"])]
+        run = json.loads((tmp_path / user / "models/state_h/run.json").read_text())
+        assert version.run_id == run["run_id"]
+    best = max(versions.values(), key=lambda v: float(v.tags["test_accuracy"]))
+    assert champion.version == best.version == str(decided["bob"]["champion"])
+    print(
+        f"accuracies {[v.tags['test_accuracy'] for v in versions.values()]}, champion v{best.version}"
+    )
+
+    # A lock left by Alice's killed stage: Bob's stage may not delete it, and says whom to ask.
+    with as_user(login("alice")):
+        MlflowClient(uri).create_registered_model("rnn-mnist.lock")
+    monkeypatch.setattr(register, "STALE_LOCK", 0)
+    refused = "only that user or the server's admin may delete it"
+    with as_user(login("bob")), pytest.raises(ConfigError, match=refused):
+        register.decision_lock(MlflowClient(uri), uri, "rnn-mnist").__enter__()
+    with as_user():
+        MlflowClient(uri).delete_registered_model("rnn-mnist.lock")  # the admin may
+
+    # The logins live in basic_auth.db, in the server's working folder; a backup of it has them.
+    sh("sqlite3", "basic_auth.db", ".backup basic_auth.backup.db", cwd=folder)
+    with contextlib.closing(sqlite3.connect(folder / "basic_auth.backup.db")) as backup:
+        users = sorted(name for (name,) in backup.execute("SELECT username FROM users"))
+    assert users == ["admin", "alice", "bob"]
+
+    # The admin changes its own password (MLFLOW_AUTH_ADMIN_PASSWORD counts only at the first start).
+    with as_user():
+        auth.update_user_password(ADMIN[0], "Another-Adm1n-password", current_password=ADMIN[1])
+    with as_user(login(ADMIN[0], "Another-Adm1n-password")):
+        assert MlflowClient(uri).get_experiment(experiment).name == store.EXPERIMENT
 
 
 def test_the_decision_lock_lets_one_stage_decide_at_a_time_across_clients(

@@ -4,14 +4,26 @@ Answers the blog post's question, does reading the classifier from output[:, -1]
 reading it from state_h? compare.md tabulates test accuracy, test loss and training seconds per
 readout; batch_accuracy.png overlays their batch-accuracy curves; readout_gap.json holds
 max |output[:, -1] - state_h| of a trained recurrent layer over the test set (exactly 0).
+The same goes to MLflow, into a parent run that the readout runs are nested in, so that `mlflow ui`
+shows the comparison first (docs/mlflow.md): compare.md as its description and its files,
+the table compare.json, compare/readout_gap, compare/curves_identical (1 = every batch-accuracy
+curve equals the first readout's), test_accuracy/<readout>, and the overlay as an image chart.
 Params: readouts.
 """
 
 from __future__ import annotations
 
+import os
+import time
+
+import mlflow
 import numpy as np
+from mlflow.entities import Metric, Run, RunTag
+from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from pipeline import params as P
+from pipeline import store, tracking
 from pipeline.io import atomic_path, load_npz, read_json, write_json
 from pipeline.model import load_model, readout_gap
 from pipeline.plots import moving_mean, plt, save
@@ -33,12 +45,68 @@ def stale_readouts(readouts: list[str]) -> list[str]:
     return sorted({p.name for p in folders if p.is_dir()} - set(readouts))
 
 
+def readout_run(client: MlflowClient, readout: str, run_id: str) -> Run:
+    try:
+        return client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise DataError(
+            f"{MODELS / readout / 'run.json'} names MLflow run {run_id}, which is not in "
+            f"{store.tracking_uri()}: retrain it (dvc repro -f -s train@{readout}) or point "
+            "MLFLOW_TRACKING_URI at the store it was trained into"
+        ) from None
+
+
+IMAGE_KEY = "compare/batch_accuracy"  # the overlay, as an image chart in mlflow ui
+
+
+def log_comparison(
+    runs: dict[str, Run], rows: dict[str, list], values: dict[str, float], report: str, name: str
+) -> str:
+    """Log the comparison (files already in reports/compare/) into its parent run; its id.
+
+    Logged again (a rerun of compare), the parent gets no second copy of anything.
+    """
+    parent = tracking.comparison_parent(list(runs.values()), name)
+    client = MlflowClient()
+    try:
+        first, *others = runs.values()
+        shared = {  # provenance the readout runs share: data, code, DVC experiment
+            k: v
+            for k, v in first.data.tags.items()
+            if not k.startswith("mlflow.") and k != "readout"
+            if all(o.data.tags.get(k) == v for o in others)
+        }
+        shared |= {"curves_identical": "true" if values["compare/curves_identical"] else "false"}
+        if exp := os.environ.get("DVC_EXP_NAME"):
+            shared["dvc.exp_name"] = exp
+        shared["mlflow.note.content"] = report  # the run's description in mlflow ui
+        logged = client.get_run(parent).data.metrics
+        now = int(time.time() * 1000)
+        changed = [Metric(k, v, now, 0) for k, v in values.items() if logged.get(k) != v]
+        tags = [RunTag(k, v) for k, v in shared.items()]
+        client.log_batch(parent, metrics=changed, tags=tags)
+        client.log_artifacts(parent, str(COMPARE))
+        tracking.log_table(parent, rows, "compare.json")
+        charts = client.list_artifacts(parent, "images")
+        if not any(a.path.startswith(f"images/{IMAGE_KEY.replace('/', '~')}+") for a in charts):
+            with Image.open(COMPARE / "batch_accuracy.png") as image:
+                client.log_image(parent, image.convert("RGB"), key=IMAGE_KEY, step=0)
+    except BaseException:
+        client.set_terminated(parent, "FAILED")
+        raise
+    client.set_terminated(parent, "FINISHED")
+    return parent
+
+
 def main() -> None:
     params = P.load()
     readouts = params.readouts
     metrics = {r: read_json(EVAL / r / "metrics.json") for r in readouts}
     runs = {r: read_json(MODELS / r / "run.json") for r in readouts}
     curves = {r: read_curve(r) for r in readouts}
+    store.configure()
+    client = MlflowClient()
+    mlflow_runs = {r: readout_run(client, r, runs[r]["run_id"]) for r in readouts}
 
     # The post's note, measured: output[:, -1] and state_h of one trained layer on the test set.
     x_test = load_npz(PREPARED / "sequences.npz", ("x_test",))["x_test"]
@@ -100,6 +168,24 @@ def main() -> None:
         ax.legend()
         save(fig, tmp / "batch_accuracy.png")
     print("\n".join(lines))
+
+    rows = {
+        "readout": readouts,
+        "test_accuracy": [metrics[r]["test_accuracy"] for r in readouts],
+        "test_loss": [metrics[r]["test_loss"] for r in readouts],
+        "train_seconds": [runs[r]["train_seconds"] for r in readouts],
+        f"curve_identical_to_{readouts[0]}": [same_curve[r] for r in readouts],
+        "run_id": [runs[r]["run_id"] for r in readouts],
+    }
+    values = {
+        "compare/readout_gap": gap,
+        "compare/curves_identical": float(all(same_curve.values())),
+    }
+    values |= {f"test_accuracy/{r}": metrics[r]["test_accuracy"] for r in readouts}
+    exp = os.environ.get("DVC_EXP_NAME") or "workspace"
+    name = f"{exp}: {params.model.cell}-{params.sequence.order} readouts"
+    parent = log_comparison(mlflow_runs, rows, values, "\n".join(lines), name)
+    print(f"compare: logged to MLflow run {parent} ({name}), the readout runs nested in it")
 
 
 if __name__ == "__main__":

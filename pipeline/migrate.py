@@ -33,6 +33,7 @@ from mlflow.entities import (
 )
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline import store
 from pipeline.stage import ConfigError, run_stage
@@ -64,9 +65,14 @@ def moved(dst: MlflowClient, experiment_id: str, kind: str, old_id: str) -> str 
     return None
 
 
-def move_run(src: MlflowClient, dst: MlflowClient, run: Run, experiment_id: str) -> tuple[str, int]:
-    """A copy of run on dst: its id there and the number of metric points."""
+def move_run(
+    src: MlflowClient, dst: MlflowClient, run: Run, experiment_id: str, runs: dict[str, str]
+) -> tuple[str, int]:
+    """A copy of run on dst, nested in the copy of its parent (in runs): its id there and the
+    number of metric points."""
     tags = run.data.tags | {"migrated.run_id": run.info.run_id, "migrated.complete": "false"}
+    if (parent := tags.get(MLFLOW_PARENT_RUN_ID)) in runs:
+        tags[MLFLOW_PARENT_RUN_ID] = runs[parent]
     new = dst.create_run(experiment_id, run.info.start_time, tags, run.info.run_name).info.run_id
     params = [Param(k, v) for k, v in run.data.params.items()]
     for i in range(0, len(params), 100):  # MLflow's limits per log_batch request
@@ -172,11 +178,13 @@ def main() -> None:
     for experiment in pages(src.search_experiments):
         found = dst.get_experiment_by_name(experiment.name)
         experiment_id = found.experiment_id if found else dst.create_experiment(experiment.name)
-        for run in pages(src.search_runs, [experiment.experiment_id], max_results=500):
+        found_runs = pages(src.search_runs, [experiment.experiment_id], max_results=500)
+        # Parents first (a comparison's run), so that their children nest in their copies.
+        for run in sorted(found_runs, key=lambda r: MLFLOW_PARENT_RUN_ID in r.data.tags):
             if new := moved(dst, experiment_id, "run", run.info.run_id):
                 runs[run.info.run_id] = new
                 continue
-            runs[run.info.run_id], n = move_run(src, dst, run, experiment_id)
+            runs[run.info.run_id], n = move_run(src, dst, run, experiment_id, runs)
             count, points = count + 1, points + n
         for model in pages(src.search_logged_models, [experiment.experiment_id]):
             new = moved(dst, experiment_id, "model", model.model_id)

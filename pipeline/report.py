@@ -29,6 +29,7 @@ from pipeline.plots import moving_mean, plt, save
 from pipeline.stage import EXPERIMENTS, ConfigError, run_stage
 
 SMOOTH = 25  # batches in the moving average of the batch-accuracy curves
+TRAINED = "tags.readout IS NOT NULL"  # a trained model's run, not a comparison's parent run
 
 
 def find_runs(
@@ -42,12 +43,14 @@ def find_runs(
     if exp_names:
         runs = []
         for name in exp_names:
-            query = f"tags.`dvc.exp_name` = '{name}'"
+            query = f"tags.`dvc.exp_name` = '{name}' AND {TRAINED}"
             if not (named := client.search_runs([found.experiment_id], query)):
                 raise ConfigError(f"no run is tagged dvc.exp_name = {name!r} in {experiment!r}")
             runs += named
         return runs
-    runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'")
+    runs = client.search_runs(
+        [found.experiment_id], f"attributes.status = 'FINISHED' AND {TRAINED}"
+    )
     if not runs:
         raise ConfigError(f"experiment {experiment!r} has no finished run yet; run dvc repro")
     return runs

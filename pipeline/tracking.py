@@ -18,14 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Run
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS, MLFLOW_PARENT_RUN_ID
 
 if TYPE_CHECKING:
     import keras
     import numpy as np
 
 MAX_METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
+COMPARES = "compare.runs"  # on a comparison's parent run: the readout runs it compares
 
 
 def params_hash(params: dict[str, str]) -> str:
@@ -226,3 +228,39 @@ def log_model(model: keras.Model, example: np.ndarray) -> str:
         pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
     )
     return info.model_uri
+
+
+def comparison_parent(runs: list[Run], name: str) -> str:
+    """The id of the parent run of one comparison of readout runs (`mlflow ui` nests them in it).
+
+    Found by the runs it compares (tag compare.runs), so a rerun of compare logs into the same
+    parent; else created in their experiment, started when the first of them started. Readout runs
+    not nested yet are nested in it; one nested elsewhere (an earlier comparison) stays there.
+    """
+    client = MlflowClient()
+    key = " ".join(run.info.run_id for run in runs)
+    experiment_id = runs[0].info.experiment_id
+    query = f"tags.`{COMPARES}` = '{key}'"
+    found = client.search_runs([experiment_id], query, max_results=1, order_by=["start_time ASC"])
+    if found:
+        parent = found[0].info.run_id
+    else:
+        start = min(run.info.start_time for run in runs)
+        parent = client.create_run(experiment_id, start, {COMPARES: key}, name).info.run_id
+    for run in runs:
+        if MLFLOW_PARENT_RUN_ID not in run.data.tags:
+            client.set_tag(run.info.run_id, MLFLOW_PARENT_RUN_ID, parent)
+    return parent
+
+
+def log_table(run_id: str, columns: dict[str, list], path: str) -> None:
+    """A table artifact that `mlflow ui` shows as a table (artifact view, Artifacts tab).
+
+    Logged again, it is replaced: mlflow.log_table would append the rows to the existing ones.
+    """
+    client = MlflowClient()
+    rows = [list(row) for row in zip(*columns.values(), strict=True)]
+    client.log_dict(run_id, {"columns": list(columns), "data": rows}, path)  # log_table's format
+    tables = json.loads(client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    if (entry := {"path": path, "type": "table"}) not in tables:
+        client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*tables, entry]))

@@ -30,6 +30,7 @@ from pipeline.io import save_npz, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 GIT = ("git", "-c", "user.name=test", "-c", "user.email=test@localhost")
+TRAINED = "tags.readout IS NOT NULL"  # runs of trained models, not the comparisons' parent runs
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -13,7 +13,16 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import clean_env, copy_project, dvc, free_port, poll, wait_for_queue, wait_until_up
+from helpers import (
+    TRAINED,
+    clean_env,
+    copy_project,
+    dvc,
+    free_port,
+    poll,
+    wait_for_queue,
+    wait_until_up,
+)
 from mlflow.tracking import MlflowClient
 
 from pipeline import store
@@ -66,7 +75,7 @@ def test_queued_experiments_in_parallel_lose_no_run_and_no_point(tmp_path: Path)
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(store.EXPERIMENT)
-    runs = client.search_runs([experiment.experiment_id])
+    runs = client.search_runs([experiment.experiment_id], TRAINED)
     assert sorted(r.data.params["train.lr"] for r in runs) == list(LRS)
     for run in runs:
         assert run.info.status == "FINISHED"

@@ -15,6 +15,7 @@ from pipeline.preprocess import sequence_index
 
 pytestmark = pytest.mark.slow
 MIGRATED = ("migrated.run_id", "migrated.complete")
+PARENT = "mlflow.parentRunId"
 
 
 def history(client: MlflowClient, run_id: str, keys) -> dict:
@@ -47,6 +48,11 @@ def test_a_local_history_moves_to_the_server_whole_and_only_once(server: str, tm
             client.log_dict(run_id, {"actual_by_predicted": [[i]]}, "confusion_matrix.json")
         client.set_terminated(run_ids[1], "FINISHED")
         client.set_terminated(run_ids[2], "FAILED")
+        # A comparison's parent run, listed after its children (it started first): moved first.
+        parent = client.create_run(experiment, start_time=1, run_name="workspace: readouts")
+        for run_id in run_ids[:2]:
+            client.set_tag(run_id, PARENT, parent.info.run_id)
+        client.set_terminated(parent.info.run_id)
         second = register.log_image_model(
             "state_h", run_ids[1], sequence_index("rows", 0), "mnist", images[:2]
         )
@@ -68,7 +74,7 @@ def test_a_local_history_moves_to_the_server_whole_and_only_once(server: str, tm
     ).info.run_id
     out = run_stage("migrate", tmp_path, "--to", server)
     assert out.returncode == 0, out.stderr
-    assert "migrate: 3 runs moved (363 metric points), 0 already there" in out.stdout
+    assert "migrate: 4 runs moved (363 metric points), 0 already there" in out.stdout
     assert f"rnn-mnist v3 skipped: its source runs:/{run_ids[2]}/notes was not moved" in out.stdout
     assert dst.get_run(cut_off).info.lifecycle_stage == "deleted"
     moved_experiment = dst.get_experiment_by_name(name).experiment_id
@@ -78,13 +84,18 @@ def test_a_local_history_moves_to_the_server_whole_and_only_once(server: str, tm
         new = moved[run_id]
         assert new.info.run_id != run_id
         assert new.data.params == old.data.params
-        assert {k: v for k, v in new.data.tags.items() if k not in MIGRATED} == old.data.tags
+        assert {k: v for k, v in new.data.tags.items() if k not in (*MIGRATED, PARENT)} == {
+            k: v for k, v in old.data.tags.items() if k != PARENT
+        }
+        if PARENT in old.data.tags:  # nested in the copy of its parent, as mlflow ui shows it
+            assert new.data.tags[PARENT] == moved[old.data.tags[PARENT]].info.run_id
         for field in ("status", "start_time", "end_time", "run_name"):
             assert getattr(new.info, field) == getattr(old.info, field), field
         assert history(dst, new.info.run_id, old.data.metrics) == history(
             MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), run_id, old.data.metrics
         )
-        assert [a.path for a in dst.list_artifacts(new.info.run_id)] == ["confusion_matrix.json"]
+        files = [] if run_id == parent.info.run_id else ["confusion_matrix.json"]
+        assert [a.path for a in dst.list_artifacts(new.info.run_id)] == files
 
     versions = {
         v.tags["migrated.version"]: v for v in dst.search_model_versions("name='rnn-mnist'")
@@ -102,8 +113,8 @@ def test_a_local_history_moves_to_the_server_whole_and_only_once(server: str, tm
     np.testing.assert_allclose(champion["probabilities"], expected["probabilities"])
 
     again = run_stage("migrate", tmp_path, "--to", server)
-    assert "migrate: 0 runs moved (0 metric points), 3 already there" in again.stdout, again.stderr
-    assert len(dst.search_runs([moved_experiment])) == 3
+    assert "migrate: 0 runs moved (0 metric points), 4 already there" in again.stdout, again.stderr
+    assert len(dst.search_runs([moved_experiment])) == 4
     assert len(dst.search_model_versions("name='rnn-mnist'")) == 2, again.stdout
     assert len(dst.search_logged_models([moved_experiment])) == 2
 

@@ -164,6 +164,36 @@ def test_state_h_and_output_last_give_identical_curves(repo: Path, client: Mlflo
     assert (repo / "reports/compare/batch_accuracy.png").stat().st_size > 10_000
 
 
+def test_compare_logs_into_a_parent_run_that_nests_both_readout_runs(
+    repo: Path, client: MlflowClient
+) -> None:
+    """What `mlflow ui` shows first (docs/mlflow.md): the comparison, the readout runs inside it."""
+    children = {r: run_of(repo, client, r) for r in ("state_h", "output_last")}
+    parent_id = children["state_h"].data.tags["mlflow.parentRunId"]
+    assert children["output_last"].data.tags["mlflow.parentRunId"] == parent_id
+    parent = client.get_run(parent_id)
+    assert parent.info.run_name == "workspace: lstm-rows readouts"
+    assert parent.info.status == "FINISHED" and "readout" not in parent.data.tags
+    assert parent.data.tags["curves_identical"] == "true"
+    assert parent.data.tags["data.sha256"] == children["state_h"].data.tags["data.sha256"]
+    report = (repo / "reports/compare/compare.md").read_text()
+    assert parent.data.tags["mlflow.note.content"] == report
+    metrics = parent.data.metrics
+    assert metrics["compare/readout_gap"] == 0.0 and metrics["compare/curves_identical"] == 1.0
+    for readout, child in children.items():
+        assert metrics[f"test_accuracy/{readout}"] == child.data.metrics["test_accuracy"]
+    files = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"compare.md", "batch_accuracy.png", "readout_gap.json", "compare.json"} <= files
+    assert len(client.list_artifacts(parent_id, "images")) == 2  # the overlay, as an image chart
+    # Per-class accuracy is a table, not ten metrics crowding the charts.
+    for readout, child in children.items():
+        assert not [k for k in child.data.metrics if "class" in k]
+        table = client.load_table(parent.info.experiment_id, "per_class.json", [child.info.run_id])
+        csv = np.loadtxt(repo / "eval" / readout / "per_class.csv", delimiter=",", skiprows=1)
+        np.testing.assert_array_equal(table["accuracy"], csv[:, 1])
+        assert table["images"].sum() == 1_000  # the bundled test set
+
+
 def test_logged_model_loads_through_pyfunc_and_predicts(repo: Path, client: MlflowClient) -> None:
     info = json.loads((repo / "models/output_last/run.json").read_text())
     pyfunc = mlflow.pyfunc.load_model(info["model_uri"])
@@ -215,8 +245,11 @@ def test_temp_experiment_lands_in_the_root_store(repo: Path, client: MlflowClien
     dvc("exp", "run", "--temp", *TEMP_OVERRIDES, cwd=repo)
 
     new = [r for r in client.search_runs([experiment_id]) if r.info.run_id not in before]
-    assert len(new) == 1
-    run = new[0]
+    assert len(new) == 2  # the readout run, and the comparison's parent run it is nested in
+    (run,) = [r for r in new if "readout" in r.data.tags]
+    (parent,) = [r for r in new if r.info.run_id == run.data.tags["mlflow.parentRunId"]]
+    assert parent.info.run_name == f"{run.data.tags['dvc.exp_name']}: lstm-rows readouts"
+    assert parent.data.tags["dvc.exp_name"] == run.data.tags["dvc.exp_name"]
     assert run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == "0.002"
     assert run.data.tags["dvc.exp_name"]

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import clean_env, copy_project, dvc, sh, start_repro, wait_for
+from helpers import TRAINED, clean_env, copy_project, dvc, sh, start_repro, wait_for
 from mlflow.tracking import MlflowClient
 
 from pipeline import store
@@ -33,7 +33,7 @@ def curve(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]
 def runs(repo: Path) -> tuple[MlflowClient, list]:
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(store.EXPERIMENT)
-    return client, client.search_runs([experiment.experiment_id])
+    return client, client.search_runs([experiment.experiment_id], TRAINED)
 
 
 def start_training(tmp_path: Path) -> tuple[Path, subprocess.Popen[bytes]]:

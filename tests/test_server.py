@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from helpers import (
     ADMIN,
+    TRAINED,
     clean_env,
     copy_project,
     run_stage,
@@ -53,7 +54,7 @@ def test_dvc_repro_lands_runs_points_models_and_registry_on_the_server(
 
     client = MlflowClient(server)
     experiment = client.get_experiment_by_name("rnn-mnist-sequences")
-    runs = client.search_runs([experiment.experiment_id])
+    runs = client.search_runs([experiment.experiment_id], TRAINED)
     assert sorted(r.data.tags["readout"] for r in runs) == ["output_last", "state_h"]
     for run in runs:
         assert run.info.status == "FINISHED"
@@ -91,7 +92,7 @@ def test_a_killed_training_resumes_into_the_same_run_on_the_server(
 
     client = MlflowClient(server)
     experiment = client.get_experiment_by_name("rnn-mnist-sequences")
-    (run,) = client.search_runs([experiment.experiment_id])  # resumed, not a second run
+    (run,) = client.search_runs([experiment.experiment_id], TRAINED)  # resumed, not a second
     assert run.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "batch_accuracy"))
     assert steps == list(range(8 * 29))  # every batch once

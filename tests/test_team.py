@@ -16,7 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import GIT, assert_no_tf_noise, clean_env, copy_project, poll, sh, wait_for_queue
+from helpers import (
+    GIT,
+    TRAINED,
+    assert_no_tf_noise,
+    clean_env,
+    copy_project,
+    poll,
+    sh,
+    wait_for_queue,
+)
 from mlflow.tracking import MlflowClient
 
 from pipeline import store
@@ -86,7 +95,9 @@ def test_two_machines_share_a_server_a_dvc_remote_and_experiments(
 
     client = MlflowClient(server)
     experiment = client.get_experiment_by_name(store.EXPERIMENT)
-    runs = client.search_runs([experiment.experiment_id], "tags.`dvc.exp_name` != ''")
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.`dvc.exp_name` != '' AND {TRAINED}"
+    )
     assert sorted(r.data.params["train.lr"] for r in runs) == sorted(LRS["a"] + LRS["b"])
     points = 0
     for run in runs:
@@ -97,7 +108,7 @@ def test_two_machines_share_a_server_a_dvc_remote_and_experiments(
             points += len(steps)
     assert points == 6 * 29 * len(BATCH_KEYS)
     print(f"team: {len(runs)} runs FINISHED, {points} batch points, reads {list(map(len, reads))}")
-    everything = client.search_runs([experiment.experiment_id])  # the baseline too
+    everything = client.search_runs([experiment.experiment_id], TRAINED)  # the baseline too
     versions = client.search_model_versions("name = 'rnn-mnist'")
     assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in everything)
     champion = client.get_model_version_by_alias("rnn-mnist", "champion")
@@ -113,7 +124,8 @@ def test_two_machines_share_a_server_a_dvc_remote_and_experiments(
     shown = find_exp(json.loads(on(b, "dvc", "exp", "show", "--json")), name)
     lr = shown["params"]["params.yaml"]["data"]["train"]["lr"]
     accuracy = shown["metrics"]["eval/state_h/metrics.json"]["data"]["test_accuracy"]
-    (run,) = client.search_runs([experiment.experiment_id], f"tags.dvc.exp_name = '{name}'")
+    query = f"tags.dvc.exp_name = '{name}' AND {TRAINED}"
+    (run,) = client.search_runs([experiment.experiment_id], query)
     assert run.data.params["train.lr"] == str(lr) and str(lr) in LRS["a"]
     assert run.data.metrics["test_accuracy"] == accuracy
     found = on(b, sys.executable, "-m", "pipeline.report", "--exp", name)  # as docs/team.md says
@@ -125,7 +137,7 @@ def test_two_machines_share_a_server_a_dvc_remote_and_experiments(
     on(c, "dvc", "pull")
     assert "up to date" in on(c, "dvc", "status")
     assert "Running stage" not in on(c, "dvc", "repro")
-    assert len(client.search_runs([experiment.experiment_id])) == len(everything)
+    assert len(client.search_runs([experiment.experiment_id], TRAINED)) == len(everything)
     digits = np.load(c / "data/raw/dataset.npz", allow_pickle=False)
     np.save(c / "digits.npy", digits["x_test"])
     out = sh(

@@ -3,6 +3,7 @@
 import base64
 import hashlib
 import http.server
+import json
 import os
 import random
 import re
@@ -422,3 +423,39 @@ def test_a_server_that_refuses_the_login_stops_the_stage_in_one_line(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_comparison_parent_is_found_by_the_runs_it_compares_and_nests_them(
+    isolated: Path,
+) -> None:
+    experiment_id = store.configure()
+    client = MlflowClient()
+    made = [client.create_run(experiment_id, start_time=t) for t in (2_000, 1_000, 3_000)]
+    a, b, c = (client.get_run(r.info.run_id) for r in made)
+    parent = tracking.comparison_parent([a, b], "workspace: lstm-rows readouts")
+    run = client.get_run(parent)
+    assert run.info.run_name == "workspace: lstm-rows readouts"
+    assert run.info.start_time == 1_000  # when the first readout run started
+    assert run.data.tags[tracking.COMPARES] == f"{a.info.run_id} {b.info.run_id}"
+    for child in (a, b):
+        assert client.get_run(child.info.run_id).data.tags["mlflow.parentRunId"] == parent
+    a, b = (client.get_run(r.info.run_id) for r in (a, b))
+    assert tracking.comparison_parent([a, b], "renamed") == parent  # found again, not created
+    # Another comparison with a run of the first: a new parent; that run stays where it was.
+    other = tracking.comparison_parent([a, c], "exp-2: lstm-rows readouts")
+    assert other != parent
+    assert client.get_run(a.info.run_id).data.tags["mlflow.parentRunId"] == parent
+    assert client.get_run(c.info.run_id).data.tags["mlflow.parentRunId"] == other
+    assert len(client.search_runs([experiment_id])) == 5
+
+
+def test_a_table_logged_again_is_replaced_not_appended(isolated: Path) -> None:
+    experiment_id = store.configure()
+    run_id = MlflowClient().create_run(experiment_id).info.run_id
+    for accuracy in (0.5, 0.75):
+        tracking.log_table(run_id, {"class": [0, 1], "accuracy": [accuracy, 1.0]}, "t.json")
+    # MLflow reads it as one of its own tables.
+    table = MlflowClient().load_table(experiment_id, "t.json", [run_id], ["run_id"])
+    assert table.to_dict("list") == {"class": [0, 1], "accuracy": [0.75, 1], "run_id": [run_id] * 2}
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert json.loads(tags["mlflow.loggedArtifacts"]) == [{"path": "t.json", "type": "table"}]

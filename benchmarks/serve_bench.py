@@ -34,7 +34,7 @@ import mlflow
 
 from pipeline import register, tracking
 from pipeline.model import build_model
-from pipeline.preprocess import sequence_index
+from pipeline.packaging import sequence_index
 from pipeline.tf import keras
 
 

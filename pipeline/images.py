@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.io import parse_idx
 from pipeline.stage import DataError
 
 DATASETS = ("mnist", "fashion_mnist")
@@ -85,25 +86,14 @@ def _gunzip(data: bytes, path: Path) -> bytes:
 
 
 def _idx_images(data: bytes, path: Path) -> list[tuple[str, np.ndarray]]:
-    """datasets.read_idx's header checks, on bytes: raw and gzipped files, and any dims named."""
-    if len(data) < 4:
-        raise DataError(f"{path}: IDX header cut short ({len(data)} bytes)")
-    if data[2] != 0x08:
-        raise DataError(f"{path}: IDX data not of unsigned bytes (magic {data[:4].hex()})")
-    ndim = data[3]
-    if ndim == 1:
+    """The images of an IDX file, read as the fetch stage reads the datasets' files."""
+    x = parse_idx(data, str(path))
+    if x.ndim == 1:
         raise DataError(f"{path}: an IDX label file, not images")
-    if len(data) < 4 + 4 * ndim:
-        raise DataError(f"{path}: IDX header cut short ({len(data)} bytes)")
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    if ndim != 3 or dims[1:] != (SIDE, SIDE):
-        raise DataError(f"{path}: IDX images must be N x 28 x 28, got dims {dims}")
-    body = data[4 + 4 * ndim :]
-    if len(body) != int(np.prod(dims)):
-        raise DataError(f"{path}: header says {dims} = {int(np.prod(dims))} bytes, has {len(body)}")
-    if dims[0] == 0:
-        raise DataError(f"{path}: IDX file holds no images (dims {dims})")
-    x = np.frombuffer(body, dtype=np.uint8).reshape(dims)
+    if x.shape[1:] != (SIDE, SIDE):
+        raise DataError(f"{path}: IDX images must be N x 28 x 28, got dims {x.shape}")
+    if len(x) == 0:
+        raise DataError(f"{path}: IDX file holds no images (dims {x.shape})")
     return [(f"{path}[{i}]", x[i]) for i in range(len(x))]
 
 

@@ -247,7 +247,7 @@ def log_small_image_model(root: Path, example: np.ndarray) -> str:
 
     from pipeline import register, store
     from pipeline.model import build_model
-    from pipeline.preprocess import sequence_index
+    from pipeline.packaging import sequence_index
 
     store.configure()
     keras.utils.set_random_seed(0)

@@ -13,7 +13,8 @@ import pytest
 
 from pipeline.image_model import ImageClassifier
 from pipeline.model import build_model, score
-from pipeline.preprocess import sequence_index, to_sequences
+from pipeline.packaging import sequence_index
+from pipeline.preprocess import to_sequences
 
 
 def served(tmp_path: Path, order: str, seed: int = 7) -> tuple[ImageClassifier, keras.Model]:

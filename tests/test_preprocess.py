@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.preprocess import permutation, stratified_split, to_sequences
+from pipeline.packaging import permutation
+from pipeline.preprocess import stratified_split, to_sequences
 
 
 @pytest.fixture

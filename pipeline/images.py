@@ -58,7 +58,7 @@ def read_images(path: Path, dataset: str) -> list[tuple[str, np.ndarray]]:
         return _npy_images(data, path)
     if data.startswith(ZIP_MAGIC):
         return _npz_images(data, path)
-    return [(str(path), _picture(data, path, dataset))]
+    return [(str(path), picture(data, str(path), dataset, ACCEPTED))]
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -164,27 +164,33 @@ def _pixels(a: np.ndarray, name: str) -> np.ndarray:
 # ---- pictures: PNG, JPEG ------------------------------------------------------------------------
 
 
-def _picture(data: bytes, path: Path, dataset: str) -> np.ndarray:
+def picture(data: bytes, name: str, dataset: str, accepted: str = "PNG, JPEG") -> np.ndarray:
+    """A PNG or JPEG file's bytes -> uint8 [28, 28] as the dataset stores its images.
+
+    Raises DataError naming `name` and why; the served model converts files with it too.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     try:
         with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as im:
             im.load()
             size = im.size
             grey = _grey(ImageOps.exif_transpose(im))  # phones store photos turned, with a tag
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image or array we read; accepted: {ACCEPTED}") from None
+        raise DataError(f"{name}: not a format we read; accepted: {accepted}") from None
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{path}: image too large to read safely ({exc})") from None
+        raise DataError(f"{name}: image too large to read safely ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: corrupt or truncated image ({exc})") from None
+        raise DataError(f"{name}: corrupt or truncated image ({exc})") from None
     if min(size) < MIN_SIZE:
         thing = "digit" if dataset == "mnist" else "product"
         raise DataError(
-            f"{path}: image is {size[0]}x{size[1]} px, too small to hold a {thing} "
+            f"{name}: image is {size[0]}x{size[1]} px, too small to hold a {thing} "
             f"(at least {MIN_SIZE}x{MIN_SIZE})"
         )
     ink = _ink(grey)
     if ink.max() < MIN_CONTRAST:
-        raise DataError(f"{path}: blank image, nothing to classify")
+        raise DataError(f"{name}: blank image, nothing to classify")
     return _mnist(ink) if dataset == "mnist" else _fashion(ink)
 
 

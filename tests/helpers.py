@@ -6,6 +6,7 @@ Fixtures built on these live in conftest.py; module-scoped fixtures call these d
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -257,3 +258,13 @@ def log_small_image_model(root: Path, example: np.ndarray) -> str:
         pass
     index = sequence_index("rows", 0)
     return register.log_image_model("state_h", run.info.run_id, index, "mnist", example)
+
+
+def drawing_png(image: np.ndarray, side: int = 140) -> bytes:
+    """A 28x28 digit as a user draws it: black on white, `side` px square, a PNG file's bytes."""
+    from PIL import Image
+
+    big = Image.fromarray(255 - image).resize((side, side), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    big.save(buf, "PNG")
+    return buf.getvalue()

@@ -39,6 +39,22 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env | {"PYTHONPATH": str(ROOT)} | extra
 
 
+def env_without_project(folder: Path, **extra: str) -> dict[str, str]:
+    """clean_env() where this project cannot be imported, as for a user who never installed it.
+
+    The venv may hold it as an editable install (`pip install -e .`): a sitecustomize.py written
+    to folder drops that import hook, in the process and in its children (the uvicorn that
+    `mlflow models serve` starts). Run from a folder that is not the project's.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import sys\n\n"
+        "editable = [f for f in sys.meta_path if f.__module__.startswith('__editable__')]\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if f not in editable]\n"
+    )
+    return clean_env(**extra) | {"PYTHONPATH": str(folder)}
+
+
 def sh(
     *cmd: str,
     cwd: Path,

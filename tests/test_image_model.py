@@ -3,10 +3,10 @@ predicts exactly what evaluate scores; image files sent to it give what predict 
 
 from __future__ import annotations
 
+import ast
 import base64
 import io
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -17,7 +17,7 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from helpers import ROOT, drawing_png
+from helpers import ROOT, drawing_png, env_without_project
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PyFuncModel
 from mlflow.pyfunc.scoring_server import invocations
@@ -204,21 +204,26 @@ def test_a_bad_file_gets_a_400_naming_what_is_wrong(
     assert "Traceback" not in refused.value.message
 
 
-def test_the_model_folder_holds_the_conversion_code(packaged: tuple[PyFuncModel, Path]) -> None:
-    """Where this project is not importable, the model imports pipeline.images from its own
-    code folder, which needs nothing else from the project (the slow test serves it)."""
+def test_the_model_folder_holds_the_conversion_code(
+    packaged: tuple[PyFuncModel, Path], tmp_path: Path
+) -> None:
+    """Where this project is not importable, the model imports pipeline.images from its own code
+    folder, which needs nothing else from the project (the slow test serves such a model)."""
     _, folder = packaged
     code = folder / "code"
     assert (code / "pipeline/images.py").read_bytes() == (ROOT / "pipeline/images.py").read_bytes()
     probe = (
-        f"import sys; sys.path.insert(0, {str(code)!r}); import pipeline.images as m; "
-        "print(m.__file__); print(sorted(n for n in sys.modules if n.startswith('pipeline')))"
+        "import importlib.util, sys\n"
+        "assert importlib.util.find_spec('pipeline') is None, 'the project is importable'\n"
+        f"sys.path.insert(0, {str(code)!r})\n"
+        "import pipeline.images\n"
+        "print({n: m.__file__ for n, m in sys.modules.items() if n.startswith('pipeline')})\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = env_without_project(tmp_path / "site")
     out = subprocess.run(
-        [sys.executable, "-c", probe], cwd=folder, env=env, capture_output=True, text=True
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
-    file, modules = out.stdout.splitlines()
-    assert Path(file).is_relative_to(code)
-    assert modules == "['pipeline', 'pipeline.images', 'pipeline.io', 'pipeline.stage']"
+    files = ast.literal_eval(out.stdout)
+    assert sorted(files) == ["pipeline", "pipeline.images", "pipeline.io", "pipeline.stage"]
+    assert all(Path(file).is_relative_to(code) for file in files.values()), files

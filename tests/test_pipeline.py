@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from helpers import (
     assert_no_tf_noise,
-    clean_env,
     copy_project,
     drawing_png,
     dvc,
+    env_without_project,
     free_port,
     run_stage,
     wait_until_up,
@@ -321,9 +321,9 @@ def test_mlflow_models_serve_answers_like_predict(repo: Path) -> None:
     port, log = free_port(), repo.parent / "serve.log"
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion"]
     command += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
-    env = clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")
-    del env["PYTHONPATH"]
     elsewhere = repo.parent / "client"
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    env = env_without_project(repo.parent / "site", MLFLOW_TRACKING_URI=uri)
     elsewhere.mkdir()
     with np.load(repo / "data/raw/dataset.npz", allow_pickle=False) as raw:
         images = raw["x_test"][:20]

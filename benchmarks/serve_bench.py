@@ -8,13 +8,17 @@ register stage logs it (images in, probabilities and class out, one compiled cal
 is mlflow.keras's pyfunc of the same network (sequences in, logits out, model.predict per call).
 Each is timed in process through mlflow.pyfunc and over HTTP through `mlflow models serve`
 (JSON {"inputs": ...}), for one image and for a batch of 128; calls alternate between the two
-models and the figures are the p50 and p99 of every call. Prints a Markdown table.
+models and the figures are the p50 and p99 of every call. "image model, PNG files" is the image
+model sent bundled test digits as 140 px black-on-white PNG files (base64 strings), which it converts
+as predict does. Prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import io
 import json
 import os
 import signal
@@ -27,15 +31,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
 import mlflow
 
 from pipeline import register, tracking
+from pipeline.datasets import bundled
 from pipeline.model import build_model
-from pipeline.preprocess import sequence_index
+from pipeline.packaging import sequence_index
 from pipeline.tf import keras
+
+PNG = "image model, PNG files"
 
 
 def log_models(root: Path) -> dict[str, str]:
@@ -53,6 +61,14 @@ def log_models(root: Path) -> dict[str, str]:
         "state_h", run.info.run_id, sequence_index("rows", 0), "mnist", example
     )
     return {"image model": image, "stock keras": stock}
+
+
+def drawing(image: np.ndarray) -> str:
+    """The image as a user's 140 px black-on-white PNG file, base64: what a client sends."""
+    big = Image.fromarray(255 - image.astype(np.uint8)).resize((140, 140), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    big.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def percentiles(seconds: list[float]) -> str:
@@ -123,9 +139,12 @@ def main() -> None:
     images = {n: rng.integers(0, 256, (n, 28, 28)).astype(np.float32) for n in (1, 128)}
     # The stock model reads sequences: for rows, the image scaled to [0, 1] is the sequence.
     inputs = {"image model": images, "stock keras": {n: x / 255 for n, x in images.items()}}
+    digits = bundled()["x_test"][:128]  # drawn digits: noise would make larger files
+    inputs[PNG] = {n: np.array([drawing(x) for x in digits[:n]], dtype=object) for n in (1, 128)}
     rows = []
 
     models = {name: mlflow.pyfunc.load_model(uri) for name, uri in uris.items()}
+    models[PNG] = models["image model"]
     # The stock model prints a Keras progress bar on every call: to /dev/null here, for both.
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
         for n in (1, 128):
@@ -136,12 +155,13 @@ def main() -> None:
                 rows.append((name, "in process (mlflow.pyfunc)", n, percentiles(seconds)))
 
     servers = {name: serve(uri, 5100 + i, root) for i, (name, uri) in enumerate(uris.items())}
+    ports = {name: 5100 + i for i, name in enumerate(uris)} | {PNG: 5100}
     started = {p: p.stat().st_size for p in root.glob("server-*.log")}  # after start-up
     try:
         for n in (1, 128):
             calls = {
-                name: post(5100 + i, json.dumps({"inputs": inputs[name][n].tolist()}).encode())
-                for i, name in enumerate(uris)
+                name: post(ports[name], json.dumps({"inputs": inputs[name][n].tolist()}).encode())
+                for name in inputs
             }
             for name, seconds in timed(calls, args.http_calls).items():
                 rows.append((name, "HTTP (mlflow models serve)", n, percentiles(seconds)))

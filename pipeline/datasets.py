@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import DataError, load_npz
+from pipeline.io import DataError, load_npz, parse_idx
 
 IDX_FILES = (  # the original names, as Keras's mirror and Debian's dataset-fashion-mnist use
     "train-images-idx3-ubyte.gz",
@@ -56,16 +56,7 @@ def read_idx(path: Path) -> np.ndarray:
         raise DataError(f"{path}: not found") from None
     except (OSError, EOFError) as exc:
         raise DataError(f"{path}: not a readable gzip file ({exc})") from None
-    if len(data) < 4 or data[0:2] != b"\0\0" or data[2] != 0x08 or data[3] not in (1, 3):
-        raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic {data[:4].hex()})")
-    ndim = data[3]
-    if len(data) < 4 + 4 * ndim:
-        raise DataError(f"{path}: IDX header cut short ({len(data)} bytes)")
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    body = data[4 + 4 * ndim :]
-    if len(body) != int(np.prod(dims)):
-        raise DataError(f"{path}: header says {dims} = {int(np.prod(dims))} bytes, has {len(body)}")
-    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+    return parse_idx(data, str(path))
 
 
 def read_idx_folder(folder: Path) -> dict[str, np.ndarray]:

@@ -1,28 +1,48 @@
-"""The served model: images [N, 28, 28] in, class probabilities and the class out.
+"""The served model: images [N, 28, 28] or image files [N] in, class probabilities and the class out.
 
-Logged by the register stage with MLflow's models-from-code: this file is stored inside the model
-and is all the code the model needs (numpy, Keras, MLflow); it imports nothing from this project,
-so a client loads it with mlflow.pyfunc or `mlflow models serve` alone. Its artifacts:
+Logged by the register stage with MLflow's models-from-code (pipeline/packaging.py). Stored with
+this file inside the model, and all it needs besides numpy, Pillow, Keras and MLflow:
 - `network`: the trained .keras model, unchanged, which reads sequences [N, T, F] (safe mode);
 - `sequence`: JSON {"index": [T][F] pixel numbers, "dataset": ..., "classes": [...]}: step t,
   feature f of a sequence is pixel index[t][f] of the row-major image, as pipeline/preprocess.py
-  made the training data, so `permuted_pixels` needs nothing from the client.
-Pixel values are 0-255 (uint8 sent as float32) or 0-1: an input whose largest value is above 1
-is taken as 0-255. The network runs as one compiled function, without model.predict's per-call
-overhead and progress bar.
+  made the training data, so `permuted_pixels` needs nothing from the client;
+- code/pipeline/: pipeline/images.py and the modules it imports, which MLflow puts on sys.path,
+  so a client loads the model with mlflow.pyfunc or `mlflow models serve` alone.
+Input, one of:
+- numbers [N, 28, 28] (or one image [28, 28]): pixel values 0-255 or 0-1, ink bright on dark; an
+  input whose largest value is above 1 is taken as 0-255;
+- image files [N] (or one): PNG or JPEG, as base64 strings (JSON) or bytes, converted by
+  pipeline/images.py exactly as `python -m pipeline.predict FILE` converts them (a black-on-white
+  drawing is inverted, its digit scaled and centred as MNIST's were).
+A bad input raises MlflowException INVALID_PARAMETER_VALUE naming what is wrong: the scoring
+server answers 400 with that message. The network runs as one compiled function, without
+model.predict's per-call overhead and progress bar.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 from pathlib import Path
 
 import mlflow
 import numpy as np
+from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
+from pipeline.images import picture  # the model's own copy, from its code/ folder
+from pipeline.stage import DataError
+
 BATCH = 1024  # as evaluate scores the test set, so that both compute the same logits
+EXPECTED = (
+    "images [N, 28, 28] of numbers, or image files [N] (PNG or JPEG, base64 strings or bytes)"
+)
+
+
+def bad(message: str) -> MlflowException:
+    return MlflowException.invalid_parameter_value(message)
 
 
 class ImageClassifier(PythonModel):
@@ -33,6 +53,7 @@ class ImageClassifier(PythonModel):
 
         spec = json.loads(Path(context.artifacts["sequence"]).read_text())
         self.index = np.asarray(spec["index"], dtype=np.int64)
+        self.dataset = spec["dataset"]
         self.network = keras.saving.load_model(context.artifacts["network"], safe_mode=True)
         steps, features = self.index.shape
         signature = [tf.TensorSpec([None, steps, features], tf.float32)]
@@ -44,13 +65,14 @@ class ImageClassifier(PythonModel):
     def predict(
         self, context: PythonModelContext, model_input: np.ndarray, params: dict | None = None
     ) -> dict[str, np.ndarray]:  # an ndarray hint: MLflow checks the signature, not the hint
-        images = np.asarray(model_input, dtype=np.float32)
+        images = self.images(np.asarray(model_input))
+        shape = list(images.shape)
         if images.ndim == 2:
             images = images[None]
         if images.ndim != 3 or images.shape[1:] != (28, 28):
-            raise ValueError(f"expected images of shape [N, 28, 28], got {list(images.shape)}")
+            raise bad(f"expected {EXPECTED}, got numbers of shape {shape}")
         if images.size and (images.min() < 0 or images.max() > 255):
-            raise ValueError("pixel values must lie in 0-255 (or 0-1)")
+            raise bad("pixel values must lie in 0-255 (or 0-1)")
         if images.size and images.max() > 1:
             images = images / np.float32(255)
         sequences = images.reshape(len(images), 784)[:, self.index]
@@ -61,6 +83,29 @@ class ImageClassifier(PythonModel):
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities = shifted / shifted.sum(axis=1, keepdims=True)
         return {"probabilities": probabilities, "class": logits.argmax(axis=1)}
+
+    def images(self, x: np.ndarray) -> np.ndarray:
+        """float32 pixels: numbers as they are, files converted as predict converts them."""
+        if x.ndim <= 1 and x.size and all(isinstance(v, (str, bytes)) for v in x.flat):
+            return np.stack([self.read(v, f"image {i}") for i, v in enumerate(x.flat)])
+        try:
+            return x.astype(np.float32)
+        except (TypeError, ValueError):  # strings among numbers, ragged lists
+            kinds = sorted({type(v).__name__ for v in x.flat})
+            raise bad(f"expected {EXPECTED}, got {', '.join(kinds)} {list(x.shape)}") from None
+
+    def read(self, file: str | bytes, name: str) -> np.ndarray:
+        if isinstance(file, str):
+            try:  # line breaks allowed: `base64` writes them
+                file = base64.b64decode("".join(file.split()), validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise bad(f"{name}: not base64 ({exc})") from None
+        if not file:
+            raise bad(f"{name}: empty file")
+        try:
+            return picture(file, name, self.dataset).astype(np.float32)
+        except DataError as exc:
+            raise bad(str(exc)) from None
 
 
 mlflow.models.set_model(ImageClassifier())

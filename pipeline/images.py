@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.io import parse_idx
 from pipeline.stage import DataError
 
 DATASETS = ("mnist", "fashion_mnist")
@@ -57,7 +58,7 @@ def read_images(path: Path, dataset: str) -> list[tuple[str, np.ndarray]]:
         return _npy_images(data, path)
     if data.startswith(ZIP_MAGIC):
         return _npz_images(data, path)
-    return [(str(path), _picture(data, path, dataset))]
+    return [(str(path), picture(data, str(path), dataset, ACCEPTED))]
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -85,25 +86,14 @@ def _gunzip(data: bytes, path: Path) -> bytes:
 
 
 def _idx_images(data: bytes, path: Path) -> list[tuple[str, np.ndarray]]:
-    """datasets.read_idx's header checks, on bytes: raw and gzipped files, and any dims named."""
-    if len(data) < 4:
-        raise DataError(f"{path}: IDX header cut short ({len(data)} bytes)")
-    if data[2] != 0x08:
-        raise DataError(f"{path}: IDX data not of unsigned bytes (magic {data[:4].hex()})")
-    ndim = data[3]
-    if ndim == 1:
+    """The images of an IDX file, read as the fetch stage reads the datasets' files."""
+    x = parse_idx(data, str(path))
+    if x.ndim == 1:
         raise DataError(f"{path}: an IDX label file, not images")
-    if len(data) < 4 + 4 * ndim:
-        raise DataError(f"{path}: IDX header cut short ({len(data)} bytes)")
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    if ndim != 3 or dims[1:] != (SIDE, SIDE):
-        raise DataError(f"{path}: IDX images must be N x 28 x 28, got dims {dims}")
-    body = data[4 + 4 * ndim :]
-    if len(body) != int(np.prod(dims)):
-        raise DataError(f"{path}: header says {dims} = {int(np.prod(dims))} bytes, has {len(body)}")
-    if dims[0] == 0:
-        raise DataError(f"{path}: IDX file holds no images (dims {dims})")
-    x = np.frombuffer(body, dtype=np.uint8).reshape(dims)
+    if x.shape[1:] != (SIDE, SIDE):
+        raise DataError(f"{path}: IDX images must be N x 28 x 28, got dims {x.shape}")
+    if len(x) == 0:
+        raise DataError(f"{path}: IDX file holds no images (dims {x.shape})")
     return [(f"{path}[{i}]", x[i]) for i in range(len(x))]
 
 
@@ -174,27 +164,33 @@ def _pixels(a: np.ndarray, name: str) -> np.ndarray:
 # ---- pictures: PNG, JPEG ------------------------------------------------------------------------
 
 
-def _picture(data: bytes, path: Path, dataset: str) -> np.ndarray:
+def picture(data: bytes, name: str, dataset: str, accepted: str = "PNG, JPEG") -> np.ndarray:
+    """A PNG or JPEG file's bytes -> uint8 [28, 28] as the dataset stores its images.
+
+    Raises DataError naming `name` and why; the served model converts files with it too.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     try:
         with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as im:
             im.load()
             size = im.size
             grey = _grey(ImageOps.exif_transpose(im))  # phones store photos turned, with a tag
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image or array we read; accepted: {ACCEPTED}") from None
+        raise DataError(f"{name}: not a format we read; accepted: {accepted}") from None
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{path}: image too large to read safely ({exc})") from None
+        raise DataError(f"{name}: image too large to read safely ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: corrupt or truncated image ({exc})") from None
+        raise DataError(f"{name}: corrupt or truncated image ({exc})") from None
     if min(size) < MIN_SIZE:
         thing = "digit" if dataset == "mnist" else "product"
         raise DataError(
-            f"{path}: image is {size[0]}x{size[1]} px, too small to hold a {thing} "
+            f"{name}: image is {size[0]}x{size[1]} px, too small to hold a {thing} "
             f"(at least {MIN_SIZE}x{MIN_SIZE})"
         )
     ink = _ink(grey)
     if ink.max() < MIN_CONTRAST:
-        raise DataError(f"{path}: blank image, nothing to classify")
+        raise DataError(f"{name}: blank image, nothing to classify")
     return _mnist(ink) if dataset == "mnist" else _fashion(ink)
 
 

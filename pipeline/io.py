@@ -1,4 +1,4 @@
-"""Reading and writing files: atomic outputs, pickle-free arrays, JSON and CSV."""
+"""Reading and writing files: atomic outputs, pickle-free arrays, IDX, JSON and CSV."""
 
 from __future__ import annotations
 
@@ -89,6 +89,31 @@ def load_npz(path: Path | str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: cannot be read without pickle or is corrupt ({exc})") from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+
+
+def parse_idx(data: bytes, name: str) -> np.ndarray:
+    """The array in an IDX file's bytes (MNIST's format): unsigned bytes, labels or images.
+
+    Magic: two zero bytes, type 0x08 (unsigned byte), number of dims (1 labels, 3 images); then
+    each dim as a big-endian uint32, then the values. Errors name `name` and what is wrong.
+    """
+    magic = data[:4].hex()
+    if len(data) < 4 or data[:2] != b"\0\0":
+        raise DataError(f"{name}: not an IDX file (bad magic {magic})")
+    if data[2] != 0x08:
+        raise DataError(f"{name}: IDX data not of unsigned bytes (bad magic {magic})")
+    ndim = data[3]
+    if ndim not in (1, 3):
+        raise DataError(
+            f"{name}: IDX of {ndim} dims, neither labels nor images (bad magic {magic})"
+        )
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{name}: IDX header cut short ({len(data)} bytes)")
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = data[4 + 4 * ndim :]
+    if len(body) != int(np.prod(dims)):
+        raise DataError(f"{name}: header says {dims} = {int(np.prod(dims))} bytes, has {len(body)}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
 def sha256_of(path: Path | str) -> str:

@@ -25,7 +25,7 @@ from pipeline import params as P
 from pipeline import store
 from pipeline.images import read_images
 from pipeline.io import read_json
-from pipeline.preprocess import sequence_index
+from pipeline.packaging import image_model, sequence_index
 from pipeline.stage import PREPARED, ConfigError, DataError, run_stage
 
 
@@ -68,8 +68,6 @@ def from_network(folder: Path):  # -> mlflow.pyfunc.PyFuncModel
     wrapped as the register stage wraps it, with the pixel order of the project it belongs to."""
     import mlflow
 
-    from pipeline import register
-
     root = folder.resolve().parents[1]  # <project>/models/<readout>
     meta_file = root / PREPARED / "meta.json"
     if not meta_file.is_file():
@@ -84,7 +82,7 @@ def from_network(folder: Path):  # -> mlflow.pyfunc.PyFuncModel
         network = folder / "model.keras"
         # catch_warnings: MLflow's "no input example" is noise for a model made for this call
         with (
-            register.image_model(network, index, params.data.dataset) as parts,
+            image_model(network, index, params.data.dataset) as parts,
             warnings.catch_warnings(),
         ):
             warnings.simplefilter("ignore", UserWarning)

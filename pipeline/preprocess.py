@@ -2,7 +2,8 @@
 
 Each image becomes a sequence [T, F] of float32 in [0, 1]: `rows` (the blog post: 28 steps of
 28 pixels), `columns`, `pixels` (784 steps of 1) or `permuted_pixels` (784 steps in one fixed order
-drawn from `seed`). A stratified validation split comes out of train; test is left untouched.
+drawn from `seed`), read in the order `packaging.sequence_index` gives, as the served model reads
+images. A stratified validation split comes out of train; test is left untouched.
 Params: seed, data.val_size, sequence.order.
 """
 
@@ -12,37 +13,16 @@ import numpy as np
 
 from pipeline import params as P
 from pipeline.io import atomic_path, load_npz, read_json, save_npz, sha256_of, write_json
+from pipeline.packaging import sequence_index
 from pipeline.stage import PREPARED, RAW, run_stage
 
 SPLITS = ("train", "val", "test")
-
-
-def sequence_index(order: str, seed: int) -> np.ndarray:
-    """[T, F]: step t, feature f of a sequence reads pixel index[t, f] of the row-major image.
-
-    The served model (pipeline/image_model.py) orders images with the same index.
-    """
-    pixels = np.arange(784)
-    if order == "rows":  # step t reads row t
-        return pixels.reshape(28, 28)
-    if order == "columns":  # step t reads column t
-        return pixels.reshape(28, 28).T
-    if order == "pixels":  # step t reads pixel t in row-major order
-        return pixels.reshape(784, 1)
-    if order == "permuted_pixels":  # one fixed order of the pixels, drawn from the seed
-        return permutation(seed).reshape(784, 1)
-    raise ValueError(f"sequence.order: unknown order {order!r}")
 
 
 def to_sequences(images: np.ndarray, order: str, seed: int) -> np.ndarray:
     """uint8 images [N, 28, 28] -> float32 sequences [N, T, F] in [0, 1]."""
     x = images.reshape(len(images), 784).astype(np.float32) / 255.0
     return np.ascontiguousarray(x[:, sequence_index(order, seed)])
-
-
-def permutation(seed: int) -> np.ndarray:
-    """The one fixed pixel order of `permuted_pixels` for this seed."""
-    return np.random.default_rng([seed, 784]).permutation(784)
 
 
 def stratified_split(y: np.ndarray, val_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,12 +1,12 @@
 """Stage 6, register: each readout's model -> a version of a registered model, and its aliases.
 
-Each trained readout's network is logged as an image model (pipeline/image_model.py: images
-[N, 28, 28] in, class probabilities out) and registered as a new version of `registry.name`
+Each trained readout's network is logged as an image model (pipeline/packaging.py: images or
+PNG/JPEG files in, class probabilities out) and registered as a new version of `registry.name`
 (default rnn-<dataset>), tagged with its training run's tags (data, commit, a dirty workspace)
-and its test accuracy. The best version of this run becomes alias `challenger`. It becomes `champion` only if it beats the current champion by more than
-registry.min_improvement in test accuracy on this run's test images (the champion is scored again
-when it was tested on other images), and a model trained on the bundled subset never displaces
-one trained on full-size data. Every decision is printed, tagged on the versions and written to
+and its test accuracy. The best version of this run becomes alias `challenger`. It becomes
+`champion` only if it beats the current champion by more than registry.min_improvement in test
+accuracy on this run's test images (the champion is scored again when it was tested on other
+images), and a model trained on the bundled subset never displaces one trained on full-size data. Every decision is printed, tagged on the versions and written to
 reports/registry.json. A rerun registers nothing twice: versions are found by their run id.
 Params: readouts, registry.
 """
@@ -15,72 +15,27 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import mlflow
 import numpy as np
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import Schema, TensorSpec
 
 from pipeline import params as P
 from pipeline import store, tracking
 from pipeline.io import load_npz, read_json, write_json
-from pipeline.preprocess import sequence_index
+from pipeline.packaging import image_model, sequence_index
 from pipeline.stage import EVAL, MODELS, PREPARED, RAW, REGISTRY, ConfigError, run_stage
 
-IMAGE_MODEL = Path(__file__).with_name("image_model.py")  # stored with the model as its code
-FASHION_CLASSES = [
-    *("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"),
-    *("Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-]
 STALE_LOCK = 600  # seconds: a decision takes seconds; a lock this old was left by a killed stage
 LOCK_NOTE = (
     "held while a register stage decides the champion, deleted after; one left by a killed stage "
     f"is removed after {STALE_LOCK // 60} minutes, or delete it in the Models page"
 )
-SIGNATURE = ModelSignature(
-    inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
-    outputs=Schema(
-        [
-            TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities"),
-            TensorSpec(np.dtype(np.int64), (-1,), "class"),
-        ]
-    ),
-)
-
-
-@contextlib.contextmanager
-def image_model(network: Path, index: np.ndarray, dataset: str) -> Iterator[dict]:
-    """What mlflow.pyfunc.log_model/save_model take to store a network as an image model."""
-    classes = FASHION_CLASSES if dataset == "fashion_mnist" else [str(c) for c in range(10)]
-    spec = {"index": index.tolist(), "dataset": dataset, "classes": classes}
-    from pipeline.tf import keras, tf  # only to pin the versions the model needs
-
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "sequence.json").write_text(json.dumps(spec))
-        yield {
-            "python_model": str(IMAGE_MODEL),
-            "artifacts": {"network": str(network), "sequence": f"{tmp}/sequence.json"},
-            "signature": SIGNATURE,
-            "metadata": {
-                "dataset": dataset,
-                "classes": classes,
-                "input": "images [N, 28, 28], float32, pixel values 0-255 or 0-1, ink bright",
-            },
-            "pip_requirements": [
-                f"mlflow=={mlflow.__version__}",
-                f"tensorflow=={tf.__version__}",
-                f"keras=={keras.__version__}",
-            ],
-        }
 
 
 def log_image_model(

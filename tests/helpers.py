@@ -6,6 +6,7 @@ Fixtures built on these live in conftest.py; module-scoped fixtures call these d
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -37,6 +38,22 @@ def clean_env(**extra: str) -> dict[str, str]:
     """The environment without the caller's MLflow/DVC settings, able to import `pipeline`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     return env | {"PYTHONPATH": str(ROOT)} | extra
+
+
+def env_without_project(folder: Path, **extra: str) -> dict[str, str]:
+    """clean_env() where this project cannot be imported, as for a user who never installed it.
+
+    The venv may hold it as an editable install (`pip install -e .`): a sitecustomize.py written
+    to folder drops that import hook, in the process and in its children (the uvicorn that
+    `mlflow models serve` starts). Run from a folder that is not the project's.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import sys\n\n"
+        "editable = [f for f in sys.meta_path if f.__module__.startswith('__editable__')]\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if f not in editable]\n"
+    )
+    return clean_env(**extra) | {"PYTHONPATH": str(folder)}
 
 
 def sh(
@@ -248,7 +265,7 @@ def log_small_image_model(root: Path, example: np.ndarray) -> str:
 
     from pipeline import register, store
     from pipeline.model import build_model
-    from pipeline.preprocess import sequence_index
+    from pipeline.packaging import sequence_index
 
     store.configure()
     keras.utils.set_random_seed(0)
@@ -258,3 +275,13 @@ def log_small_image_model(root: Path, example: np.ndarray) -> str:
         pass
     index = sequence_index("rows", 0)
     return register.log_image_model("state_h", run.info.run_id, index, "mnist", example)
+
+
+def drawing_png(image: np.ndarray, side: int = 140) -> bytes:
+    """A 28x28 digit as a user draws it: black on white, `side` px square, a PNG file's bytes."""
+    from PIL import Image
+
+    big = Image.fromarray(255 - image).resize((side, side), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    big.save(buf, "PNG")
+    return buf.getvalue()

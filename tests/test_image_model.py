@@ -1,19 +1,34 @@
 """The served model reads images as preprocess made the training sequences, for every order, and
-predicts exactly what evaluate scores."""
+predicts exactly what evaluate scores; image files sent to it give what predict gives for them."""
 
 from __future__ import annotations
 
+import ast
+import base64
+import io
 import json
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import keras
+import mlflow
 import numpy as np
 import pytest
+from helpers import ROOT, drawing_png, env_without_project
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import PyFuncModel
+from mlflow.pyfunc.scoring_server import invocations
+from PIL import Image
 
+from pipeline import packaging
 from pipeline.image_model import ImageClassifier
+from pipeline.images import read_images
 from pipeline.model import build_model, score
-from pipeline.preprocess import sequence_index, to_sequences
+from pipeline.packaging import sequence_index
+from pipeline.preprocess import to_sequences
 
 
 def served(tmp_path: Path, order: str, seed: int = 7) -> tuple[ImageClassifier, keras.Model]:
@@ -22,7 +37,8 @@ def served(tmp_path: Path, order: str, seed: int = 7) -> tuple[ImageClassifier, 
     keras.utils.set_random_seed(seed)
     network = build_model(*index.shape, "gru", "state_h", input_units=6, units=5)
     network.save(tmp_path / "model.keras")
-    (tmp_path / "sequence.json").write_text(json.dumps({"index": index.tolist()}))
+    spec = {"index": index.tolist(), "dataset": "mnist"}
+    (tmp_path / "sequence.json").write_text(json.dumps(spec))
     artifacts = {
         "network": str(tmp_path / "model.keras"),
         "sequence": str(tmp_path / "sequence.json"),
@@ -58,12 +74,156 @@ def test_pixel_values_0_to_1_and_0_to_255_give_the_same_answer(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("images", "message"),
     [
-        (np.zeros((2, 28, 27), np.float32), r"shape \[N, 28, 28\], got \[2, 28, 27\]"),
+        (
+            np.zeros((2, 28, 27), np.float32),
+            r"\[N, 28, 28\] of numbers, .* got numbers of shape \[2, 28, 27\]",
+        ),
         (np.full((1, 28, 28), 300, np.float32), "0-255"),
         (np.full((1, 28, 28), -1, np.float32), "0-255"),
     ],
 )
 def test_bad_images_are_refused(tmp_path: Path, images: np.ndarray, message: str) -> None:
     model, _ = served(tmp_path, "rows")
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(MlflowException, match=message) as refused:
         model.predict(None, images)
+    assert refused.value.get_http_status_code() == 400
+
+
+# ---- image files, to a model packaged as the register stage packages it ------------------------
+
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory: pytest.TempPathFactory) -> tuple[PyFuncModel, Path]:
+    """A small untrained network saved with the real packaging, loaded as a client loads it."""
+    root = tmp_path_factory.mktemp("packaged")
+    keras.utils.set_random_seed(0)
+    build_model(28, 28, "gru", "state_h", input_units=6, units=5).save(root / "model.keras")
+    index = sequence_index("rows", 0)
+    with (
+        packaging.image_model(root / "model.keras", index, "mnist") as parts,
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore", UserWarning)  # "no input example": none is needed here
+        mlflow.pyfunc.save_model(root / "model", **parts)
+    return mlflow.pyfunc.load_model(str(root / "model")), root / "model"
+
+
+@pytest.fixture(scope="module")
+def drawings(
+    bundled_data: dict[str, np.ndarray], tmp_path_factory: pytest.TempPathFactory
+) -> list[Path]:
+    """Ten test digits as users draw them: black on white, 140 px, PNG files."""
+    folder = tmp_path_factory.mktemp("drawings")
+    for i, x in enumerate(bundled_data["x_test"][:10]):
+        (folder / f"{i}.png").write_bytes(drawing_png(x))
+    return sorted(folder.glob("*.png"))
+
+
+def as_predict_does(model: PyFuncModel, paths: list[Path]) -> dict[str, np.ndarray]:
+    """What `python -m pipeline.predict FILE...` computes: its conversion, then the array path."""
+    images = [image for path in paths for _, image in read_images(path, "mnist")]
+    return model.predict(np.stack(images).astype(np.float32))
+
+
+def answer(model: PyFuncModel, body: object) -> dict[str, np.ndarray]:
+    """The answer of `mlflow models serve` to a JSON body (its request handler, in process)."""
+    out = invocations(
+        json.dumps(body), "application/json", model, model.metadata.get_input_schema()
+    )
+    assert out.status == 200, out.response
+    answer = json.loads(out.response)["predictions"]
+    return {
+        "probabilities": np.float32(answer["probabilities"]),
+        "class": np.int64(answer["class"]),
+    }
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    np.testing.assert_array_equal(got["class"], want["class"])
+    np.testing.assert_array_equal(got["probabilities"], want["probabilities"])
+
+
+def test_png_files_get_exactly_what_predict_gives(
+    packaged: tuple[PyFuncModel, Path], drawings: list[Path]
+) -> None:
+    model, _ = packaged
+    want = as_predict_does(model, drawings)
+    files = [path.read_bytes() for path in drawings]
+    assert_same(answer(model, {"inputs": [b64(f) for f in files]}), want)
+    assert_same(answer(model, {"instances": [b64(f) for f in files]}), want)
+    split = {"columns": ["image"], "data": [[b64(f)] for f in files]}  # a string column
+    assert_same(answer(model, {"dataframe_split": split}), want)
+    assert_same(model.predict(np.array(files, dtype=object)), want)  # bytes, in process
+    wrapped = base64.encodebytes(files[0]).decode()  # `base64 FILE` breaks lines at 76
+    one = answer(model, {"inputs": wrapped})
+    assert_same(one, as_predict_does(model, drawings[:1]))  # one file: a batch of one
+    # the conversion matters: the drawing merely resized to 28x28 is another input
+    naive = [np.asarray(Image.open(p).convert("L").resize((28, 28)), np.float32) for p in drawings]
+    assert np.abs(model.predict(np.stack(naive))["probabilities"] - want["probabilities"]).max() > 0
+
+
+def test_arrays_are_answered_as_before(
+    packaged: tuple[PyFuncModel, Path], bundled_data: dict[str, np.ndarray]
+) -> None:
+    model, _ = packaged
+    images = bundled_data["x_test"][:12]
+    want = model.predict(images.astype(np.float32))
+    assert_same(answer(model, {"inputs": images.tolist()}), want)
+    assert_same(answer(model, {"instances": images.tolist()}), want)
+    assert_same(answer(model, {"inputs": (images / 255).tolist()}), want)
+    assert_same(model.predict(images.astype(np.float64)), want)
+
+
+_BLANK = io.BytesIO()
+Image.new("L", (100, 100), 255).save(_BLANK, "PNG")
+BAD_REQUESTS: dict[str, tuple[list, str]] = {
+    "not base64": (["iVBORw0KGgo!!"], "image 1: not base64"),
+    "empty": ([""], "image 1: empty file"),
+    "a GIF": ([b64(b"GIF89a" + bytes(40))], "image 1: not a format we read; accepted: PNG, JPEG"),
+    "blank PNG": ([b64(_BLANK.getvalue())], "image 1: blank image, nothing to classify"),
+    "cut PNG": ([b64(_BLANK.getvalue()[:60])], "image 1: corrupt or truncated image"),
+    "a number": ([7], "expected images [N, 28, 28] of numbers, or image files [N]"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_a_bad_file_gets_a_400_naming_what_is_wrong(
+    packaged: tuple[PyFuncModel, Path], drawings: list[Path], case: str
+) -> None:
+    model, _ = packaged
+    extra, expected = BAD_REQUESTS[case]
+    body = json.dumps({"inputs": [b64(drawings[0].read_bytes()), *extra]})
+    with pytest.raises(MlflowException) as refused:
+        invocations(body, "application/json", model, model.metadata.get_input_schema())
+    assert refused.value.get_http_status_code() == 400
+    assert expected in refused.value.message
+    assert "Traceback" not in refused.value.message
+
+
+def test_the_model_folder_holds_the_conversion_code(
+    packaged: tuple[PyFuncModel, Path], tmp_path: Path
+) -> None:
+    """Where this project is not importable, the model imports pipeline.images from its own code
+    folder, which needs nothing else from the project (the slow test serves such a model)."""
+    _, folder = packaged
+    code = folder / "code"
+    assert (code / "pipeline/images.py").read_bytes() == (ROOT / "pipeline/images.py").read_bytes()
+    probe = (
+        "import importlib.util, sys\n"
+        "assert importlib.util.find_spec('pipeline') is None, 'the project is importable'\n"
+        f"sys.path.insert(0, {str(code)!r})\n"
+        "import pipeline.images\n"
+        "print({n: m.__file__ for n, m in sys.modules.items() if n.startswith('pipeline')})\n"
+    )
+    env = env_without_project(tmp_path / "site")
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    files = ast.literal_eval(out.stdout)
+    assert sorted(files) == ["pipeline", "pipeline.images", "pipeline.io", "pipeline.stage"]
+    assert all(Path(file).is_relative_to(code) for file in files.values()), files

@@ -338,7 +338,7 @@ def _npz(**arrays: np.ndarray) -> bytes:
 _NOISE_PNG = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8)))
 BAD_FILES: dict[str, tuple[bytes, str]] = {
     "empty": (b"", "empty file"),
-    "text": (b"7\n", "not an image or array we read; accepted: PNG, JPEG, .npy, .npz, IDX"),
+    "text": (b"7\n", "not a format we read; accepted: PNG, JPEG, .npy, .npz, IDX"),
     "a GIF": (encode(Image.new("L", (28, 28)), "GIF"), "accepted: PNG, JPEG"),
     "truncated PNG": (_NOISE_PNG[: len(_NOISE_PNG) // 2], "corrupt or truncated image"),
     "1x1 PNG": (_png((1, 1), 0), "image is 1x1 px, too small to hold a digit (at least 8x8)"),

@@ -11,7 +11,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline import register
-from pipeline.preprocess import sequence_index
+from pipeline.packaging import sequence_index
 
 pytestmark = pytest.mark.slow
 MIGRATED = ("migrated.run_id", "migrated.complete")

@@ -5,11 +5,13 @@ Small params (bundled MNIST subset, 1 epoch) keep it to a few minutes on 2 cores
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -19,9 +21,10 @@ import numpy as np
 import pytest
 from helpers import (
     assert_no_tf_noise,
-    clean_env,
     copy_project,
+    drawing_png,
     dvc,
+    env_without_project,
     free_port,
     run_stage,
     wait_until_up,
@@ -334,35 +337,60 @@ def test_predict_classifies_image_files_as_the_arrays_from_any_folder(repo: Path
     assert not (folder / "mlflow.db").exists()  # the project's store, found from a subfolder
 
 
+def post(url: str, body: object) -> tuple[int, dict]:
+    """(HTTP status, JSON answer) of a JSON POST, as `curl -d @request.json` sends it."""
+    data = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    request = urllib.request.Request(f"{url}/invocations", data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def test_mlflow_models_serve_answers_like_predict(repo: Path) -> None:
+    """Arrays and PNG files (base64 in JSON) get predict's classes from a server started where
+    this project is not importable: the model folder holds all the code it needs."""
     name, _ = champion_of(repo)
     port, log = free_port(), repo.parent / "serve.log"
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion"]
     command += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
-    env = clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")
+    elsewhere = repo.parent / "client"
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    env = env_without_project(repo.parent / "site", MLFLOW_TRACKING_URI=uri)
+    elsewhere.mkdir()
+    with np.load(repo / "data/raw/dataset.npz", allow_pickle=False) as raw:
+        images = raw["x_test"][:20]
+    drawings = [elsewhere / f"drawing{i}.png" for i in range(5)]
+    for path, image in zip(drawings, images, strict=False):
+        path.write_bytes(drawing_png(image))  # black on white, 140 px: as a user draws
+    files = [base64.b64encode(path.read_bytes()).decode() for path in drawings]
     with log.open("w") as err:
         server = subprocess.Popen(
-            command, cwd=repo, env=env, stdout=err, stderr=err, start_new_session=True
+            command, cwd=elsewhere, env=env, stdout=err, stderr=err, start_new_session=True
         )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_up(f"{url}/ping", server)
         started = log.stat().st_size
-        with np.load(repo / "data/raw/dataset.npz", allow_pickle=False) as raw:
-            images = raw["x_test"][:20]
-        body = json.dumps({"inputs": images.tolist()}).encode()
-        headers = {"Content-Type": "application/json"}
         for _ in range(3):
-            request = urllib.request.Request(f"{url}/invocations", data=body, headers=headers)
-            with urllib.request.urlopen(request, timeout=60) as response:
-                served = json.loads(response.read())["predictions"]
+            status, arrays = post(url, {"inputs": images.tolist()})
+            assert status == 200, arrays
+        status, pngs = post(url, {"inputs": files})
+        assert status == 200, pngs
+        status, refused = post(url, {"inputs": [files[0], "not base64!"]})
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
+    assert status == 400 and "image 1: not base64" in refused["message"], refused
     np.save(repo / "served.npy", images)
     local = run_stage("predict", repo, "served.npy", "--json")
     expected = [json.loads(line)["class"] for line in local.stdout.splitlines()]
-    assert served["class"] == expected
-    np.testing.assert_allclose(np.sum(served["probabilities"], axis=1), 1, rtol=1e-5)
+    assert arrays["predictions"]["class"] == expected
+    np.testing.assert_allclose(np.sum(arrays["predictions"]["probabilities"], axis=1), 1, rtol=1e-5)
+    local = run_stage("predict", repo, *map(str, drawings), "--json")
+    expected = [json.loads(line)["class"] for line in local.stdout.splitlines()]
+    assert pngs["predictions"]["class"] == expected, local.stderr
     per_call = log.read_bytes()[started:].decode(errors="replace")  # written while answering
     assert "step/step" not in per_call and "it/s" not in per_call, per_call

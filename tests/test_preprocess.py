@@ -1,9 +1,13 @@
 """Sequence orders put each pixel where it should be; the validation split is stratified."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from pipeline.preprocess import permutation, stratified_split, to_sequences
+from pipeline.packaging import permutation
+from pipeline.preprocess import stratified_split, to_sequences
 
 
 @pytest.fixture
@@ -61,3 +65,11 @@ def test_stratified_split_keeps_class_shares_and_is_deterministic() -> None:
     np.testing.assert_array_equal(val, again_val)
     np.testing.assert_array_equal(train, again_train)
     assert not np.array_equal(val, stratified_split(y, 0.1, seed=4)[1])
+
+
+def test_preprocess_imports_neither_tensorflow_nor_mlflow() -> None:
+    """It shares sequence_index with the served model's packaging, which imports both lazily."""
+    heavy = "{'tensorflow', 'keras', 'mlflow'}"
+    probe = f"import sys, pipeline.preprocess; print(sorted({heavy} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

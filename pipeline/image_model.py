@@ -6,7 +6,7 @@ this file inside the model, and all it needs besides numpy, Pillow, Keras and ML
 - `sequence`: JSON {"index": [T][F] pixel numbers, "dataset": ..., "classes": [...]}: step t,
   feature f of a sequence is pixel index[t][f] of the row-major image, as pipeline/preprocess.py
   made the training data, so `permuted_pixels` needs nothing from the client;
-- code/pipeline/: pipeline/images.py and the modules it imports, which MLflow puts on sys.path,
+- code/pipeline/: pipeline/images.py, tf.py and the modules they import, which MLflow puts on sys.path,
   so a client loads the model with mlflow.pyfunc or `mlflow models serve` alone.
 Input, one of:
 - numbers [N, 28, 28] (or one image [28, 28]): pixel values 0-255 or 0-1, ink bright on dark; an
@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 from pathlib import Path
 
 import mlflow
@@ -47,9 +46,9 @@ def bad(message: str) -> MlflowException:
 
 class ImageClassifier(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ notices
-        import keras
-        import tensorflow as tf
+        # The model's copy of pipeline/tf.py: TensorFlow without its C++ start-up notices (a
+        # served model printed "failed call to cuInit: ... CUDA error" on a machine without GPU).
+        from pipeline.tf import keras, tf
 
         spec = json.loads(Path(context.artifacts["sequence"]).read_text())
         self.index = np.asarray(spec["index"], dtype=np.int64)

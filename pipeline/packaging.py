@@ -22,7 +22,7 @@ HERE = Path(__file__).parent
 IMAGE_MODEL = HERE / "image_model.py"  # stored with the model as its code
 # pipeline/images.py and the project modules it imports (numpy and Pillow besides): stored with the
 # model so that it converts image files with predict's code where this project is not installed
-SERVED_CODE = ("__init__.py", "stage.py", "io.py", "images.py")
+SERVED_CODE = ("__init__.py", "stage.py", "io.py", "images.py", "tf.py")
 FASHION_CLASSES = [
     *("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"),
     *("Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),

@@ -131,10 +131,10 @@ def answer(model: PyFuncModel, body: object) -> dict[str, np.ndarray]:
         json.dumps(body), "application/json", model, model.metadata.get_input_schema()
     )
     assert out.status == 200, out.response
-    answer = json.loads(out.response)["predictions"]
+    predictions = json.loads(out.response)["predictions"]
     return {
-        "probabilities": np.float32(answer["probabilities"]),
-        "class": np.int64(answer["class"]),
+        "probabilities": np.float32(predictions["probabilities"]),
+        "class": np.int64(predictions["class"]),
     }
 
 

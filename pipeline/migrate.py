@@ -15,8 +15,6 @@ versions and aliases (docs/team.md). Logins come from MLFLOW_TRACKING_USERNAME/P
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -168,9 +166,7 @@ def main() -> None:
         store.check_server(src_uri)
     store.check_server(args.to)
     # Its own lines say what moved: not MLflow's progress bars, run links and waiting notices.
-    store.quiet_artifacts()
-    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-    logging.getLogger("mlflow.store.model_registry").setLevel(logging.WARNING)
+    store.quiet()
     src, dst = MlflowClient(src_uri), MlflowClient(args.to)
     runs: dict[str, str] = {}
     models: dict[str, str] = {}

@@ -50,7 +50,7 @@ def load(model: str | None):  # -> mlflow.pyfunc.PyFuncModel
             params = P.load(root / P.PARAMS_FILE)
             model = f"models:/{params.registry.model_name(params.data.dataset)}@champion"
         uri = model
-    store.quiet_artifacts()
+    store.quiet()
     from pipeline.tf import keras  # noqa: F401  TensorFlow imported quietly, before the model does
 
     try:
@@ -77,7 +77,7 @@ def from_network(folder: Path):  # -> mlflow.pyfunc.PyFuncModel
         )
     params = P.load(root / P.PARAMS_FILE)
     index = sequence_index(read_json(meta_file)["order"], params.seed)
-    store.quiet_artifacts()
+    store.quiet()
     with tempfile.TemporaryDirectory() as tmp:
         network = folder / "model.keras"
         # catch_warnings: MLflow's "no input example" is noise for a model made for this call

@@ -99,7 +99,12 @@ def register(
     found = client.search_model_versions(query)
     if found:
         return found[0], False
-    version = mlflow.register_model(make_uri(), name, tags=tags)
+    # The client's call, as mlflow.register_model makes it for a `models:/<model id>` URI, without
+    # the lines that one prints ("Registered model ... already exists", "Created version ...").
+    uri = make_uri()
+    version = client.create_model_version(
+        name, uri, tags=tags, model_id=uri.removeprefix("models:/")
+    )
     return client.get_model_version(name, version.version), True
 
 
@@ -257,7 +262,6 @@ def main() -> None:
     params = P.load()
     name = params.registry.model_name(params.data.dataset)
     test = load_npz(RAW / "dataset.npz", ("x_test", "y_test"))
-    store.quiet_artifacts()
     uri = store.tracking_uri()
     store.configure()
     client = MlflowClient()

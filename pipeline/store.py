@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import os
 import sqlite3
 import urllib.error
@@ -46,9 +47,13 @@ def local_uri() -> str:
     return f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
-def quiet_artifacts() -> None:
-    """No MLflow progress bars for artifact transfers: stages write logs, not a terminal."""
+def quiet() -> None:
+    """Only what matters reaches the user: no MLflow progress bars for artifact transfers, no
+    "View run at <server>" links and no INFO lines ("Creating initial MLflow database tables...",
+    "Validating input example..."); its warnings and errors still show."""
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def tracking_uri() -> str:
@@ -61,6 +66,7 @@ def tracking_uri() -> str:
 
 def configure() -> str:
     """Point MLflow at the store and experiment; return the experiment id."""
+    quiet()
     root = project_root()
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)

@@ -28,7 +28,7 @@ from datafiles import (
     write_idx_folder,
     write_npz,
 )
-from helpers import ROOT, free_port, run_stage, write_params
+from helpers import call_stage, committed_params, free_port, run_stage, write_params
 
 from pipeline import datasets as D
 from pipeline import fetch as F
@@ -402,7 +402,8 @@ def test_stage_main_bundled(tmp_path: Path, bundled_data: dict[str, np.ndarray])
 
 
 def test_stage_main_typo_in_params(tmp_path: Path) -> None:
-    text = (ROOT / "params.yaml").read_text().replace("source: auto", "sourse: bundled")
+    """A real process: its stderr holds the one error line and nothing else."""
+    text = committed_params().replace("\n  source:", "\n  sourse:")
     (tmp_path / "params.yaml").write_text(text)
     proc = run_stage("fetch", tmp_path)
     assert proc.returncode == 2

@@ -78,9 +78,13 @@ def call_stage(
     if "argv" in inspect.signature(main).parameters:  # else the stage takes no arguments
         main = functools.partial(main, list(args))
     out, err = io.StringIO(), io.StringIO()
-    with working_in(cwd), mock.patch.dict(os.environ, env or {}):  # what the stage sets is undone
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = exit_code(main)
+    with (
+        working_in(cwd),
+        mock.patch.dict(os.environ, env or {}),  # what the stage sets in os.environ is undone
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        code = exit_code(main)
     return subprocess.CompletedProcess([stage, *args], code, out.getvalue(), err.getvalue())
 
 

@@ -76,10 +76,10 @@ def evaluate(readout: str) -> None:
     print(f"evaluate {readout}: test accuracy {accuracy:.4f}, loss {loss:.4f}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readout", required=True, choices=list(P.CELL_READOUTS["lstm"]))
-    evaluate(parser.parse_args().readout)
+    evaluate(parser.parse_args(argv).readout)
 
 
 if __name__ == "__main__":

@@ -154,11 +154,11 @@ def move_registry(src: MlflowClient, dst: MlflowClient, runs: dict, models: dict
                 )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--to", required=True, help="the tracking server, e.g. https://mlflow.team")
     parser.add_argument("--from", dest="source", help="the store to read (default: mlflow.db)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     src_uri = args.source or store.local_uri()
     if src_uri.startswith("sqlite:///") and not Path(src_uri[10:]).is_file():
         raise ConfigError(f"no MLflow store at {src_uri[10:]}: nothing to move (or pass --from)")

@@ -90,14 +90,14 @@ def from_network(folder: Path):  # -> mlflow.pyfunc.PyFuncModel
         return mlflow.pyfunc.load_model(f"{tmp}/model")  # holds the network in memory
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE")
     parser.add_argument(
         "--model", help="an MLflow model URI, a local model folder, or models/<readout>"
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     model = load(args.model)
     meta = model.metadata.metadata
     labels, images, failed = [], [], 0

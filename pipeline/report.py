@@ -142,13 +142,13 @@ def plot_cell_by_order(runs: list[Run], path: Path) -> None:
     save(fig, path, dpi=110)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="*", default=[], help="run ids (default: all finished)")
     parser.add_argument("--exp", nargs="*", default=[], help="DVC experiment names (dvc exp show)")
     parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME"))
     parser.add_argument("--out", type=Path, default=EXPERIMENTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     client = MlflowClient(store.tracking_uri())
     runs = find_runs(client, args.experiment or store.EXPERIMENT, args.runs, args.exp)
     with atomic_path(args.out, directory=True) as tmp:

@@ -183,10 +183,10 @@ def write_outputs(
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readout", required=True, choices=list(P.CELL_READOUTS["lstm"]))
-    readout = parser.parse_args().readout
+    readout = parser.parse_args(argv).readout
     try:
         train(readout)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM; the run is marked KILLED

@@ -6,6 +6,9 @@ Fixtures built on these live in conftest.py; module-scoped fixtures call these d
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
+import inspect
 import io
 import json
 import os
@@ -21,6 +24,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -28,6 +32,7 @@ from ruamel.yaml import YAML
 
 from pipeline import params as P
 from pipeline.io import save_npz, write_json
+from pipeline.stage import exit_code
 
 ROOT = Path(__file__).resolve().parents[1]
 GIT = ("git", "-c", "user.name=test", "-c", "user.email=test@localhost")
@@ -78,6 +83,26 @@ def run_stage(
     """`python -m pipeline.<stage> args` in cwd, as a user runs it; the exit code is not checked."""
     cmd = (sys.executable, "-m", f"pipeline.{stage}", *args)
     return sh(*cmd, cwd=cwd, check=False, env=clean_env(**(env or {})), timeout=300)
+
+
+def call_stage(
+    stage: str, cwd: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """run_stage in this process: the same exit code and output lines, without the seconds a new
+    process takes to import TensorFlow and MLflow. For tests of a stage's logic; run_stage where
+    the process is the point (what reaches its stderr, signals). Python-level output only."""
+    main = importlib.import_module(f"pipeline.{stage}").main
+    if "argv" in inspect.signature(main).parameters:  # else the stage takes no arguments
+        main = functools.partial(main, list(args))
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        working_in(cwd),
+        mock.patch.dict(os.environ, env or {}),  # what the stage sets in os.environ is undone
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        code = exit_code(main)
+    return subprocess.CompletedProcess([stage, *args], code, out.getvalue(), err.getvalue())
 
 
 def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -184,6 +209,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def committed_params() -> str:
+    """params.yaml as git holds it (committed, or staged), never the workspace's: a user's own
+    settings there (data.source: bundled, an applied experiment) change no test."""
+    return sh("git", "show", ":params.yaml", cwd=ROOT).stdout
 
 
 def params_dict(overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -20,7 +20,8 @@ def trained(seed: int) -> tuple[keras.Model, keras.optimizers.Optimizer]:
     keras.utils.set_random_seed(seed)
     model = build_model(4, 3, "lstm", "state_h", input_units=5, units=6)
     optimizer = keras.optimizers.Adam(0.01)
-    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer, loss, run_eagerly=True)  # traced, 2 steps cost seconds more
     x = np.random.default_rng(seed).random((8, 4, 3), dtype=np.float32)
     model.fit(x, np.arange(8) % 10, epochs=2, batch_size=8, verbose=0)
     return model, optimizer

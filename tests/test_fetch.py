@@ -1,4 +1,4 @@
-"""Stage 1, fetch: download() and fetch() against a local HTTP server, and the stage as a process.
+"""Stage 1, fetch: download() and fetch() against a local HTTP server, and the stage as a command.
 
 Everything runs offline: the "network" is an http.server on 127.0.0.1 serving bytes each test
 controls, and every data file is a few tiny images written into tmp_path.
@@ -28,7 +28,7 @@ from datafiles import (
     write_idx_folder,
     write_npz,
 )
-from helpers import ROOT, free_port, run_stage, write_params
+from helpers import call_stage, committed_params, free_port, run_stage, write_params
 
 from pipeline import datasets as D
 from pipeline import fetch as F
@@ -379,12 +379,12 @@ def test_fetch_auto_fashion_offline_without_debian_folder(
         F.fetch(data_params(dataset="fashion_mnist", source="auto", url=dead_url))
 
 
-# ---- 7. the stage as a subprocess --------------------------------------------------------------
+# ---- 7. the stage as a command -----------------------------------------------------------------
 
 
 def test_stage_main_bundled(tmp_path: Path, bundled_data: dict[str, np.ndarray]) -> None:
     write_params(tmp_path, {"data": {"source": "bundled"}})
-    proc = run_stage("fetch", tmp_path)
+    proc = call_stage("fetch", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "fetch: bundled mnist (4,000 train / 1,000 test) -> data/raw/" in proc.stdout
     raw = tmp_path / "data" / "raw"
@@ -402,7 +402,8 @@ def test_stage_main_bundled(tmp_path: Path, bundled_data: dict[str, np.ndarray])
 
 
 def test_stage_main_typo_in_params(tmp_path: Path) -> None:
-    text = (ROOT / "params.yaml").read_text().replace("source: auto", "sourse: bundled")
+    """A real process: its stderr holds the one error line and nothing else."""
+    text = committed_params().replace("\n  source:", "\n  sourse:")
     (tmp_path / "params.yaml").write_text(text)
     proc = run_stage("fetch", tmp_path)
     assert proc.returncode == 2

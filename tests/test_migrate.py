@@ -6,7 +6,7 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 import pytest
-from helpers import log_small_image_model, run_stage, working_in
+from helpers import call_stage, log_small_image_model, working_in
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -72,7 +72,7 @@ def test_a_local_history_moves_to_the_server_whole_and_only_once(server: str, tm
         dst.get_experiment_by_name(name).experiment_id,
         tags={"migrated.run_id": run_ids[2], "migrated.complete": "false"},
     ).info.run_id
-    out = run_stage("migrate", tmp_path, "--to", server)
+    out = call_stage("migrate", tmp_path, "--to", server)
     assert out.returncode == 0, out.stderr
     assert "migrate: 4 runs moved (363 metric points), 0 already there" in out.stdout
     assert f"rnn-mnist v3 skipped: its source runs:/{run_ids[2]}/notes was not moved" in out.stdout
@@ -112,7 +112,7 @@ def test_a_local_history_moves_to_the_server_whole_and_only_once(server: str, tm
     assert np.array_equal(champion["class"], expected["class"])
     np.testing.assert_allclose(champion["probabilities"], expected["probabilities"])
 
-    again = run_stage("migrate", tmp_path, "--to", server)
+    again = call_stage("migrate", tmp_path, "--to", server)
     assert "migrate: 0 runs moved (0 metric points), 4 already there" in again.stdout, again.stderr
     assert len(dst.search_runs([moved_experiment])) == 4
     assert len(dst.search_model_versions("name='rnn-mnist'")) == 2, again.stdout
@@ -122,6 +122,6 @@ def test_a_local_history_moves_to_the_server_whole_and_only_once(server: str, tm
     MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").set_registered_model_alias(
         "rnn-mnist", "champion", "2"
     )
-    third = run_stage("migrate", tmp_path, "--to", server)
+    third = call_stage("migrate", tmp_path, "--to", server)
     assert "rnn-mnist@champion stays v1 on the server (yours: v2)" in third.stdout, third.stderr
     assert dst.get_registered_model("rnn-mnist").aliases["champion"] == "1"

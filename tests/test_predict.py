@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from helpers import log_small_image_model, run_stage, working_in, write_params
+from helpers import call_stage, log_small_image_model, working_in, write_params
 from PIL import Image
 
 from pipeline import predict
@@ -36,7 +36,7 @@ def test_unreadable_files_get_one_error_line_each_and_the_rest_is_classified(
     Image.new("L", (1, 1), 255).save(tmp_path / "dot.png")
     (tmp_path / "folder").mkdir()
     files = ["three.npy", "corrupt.png", "drawn.png", "empty.png", "dot.png", "folder"]
-    out = run_stage("predict", tmp_path, *files, "--json", "--model", str(model_folder))
+    out = call_stage("predict", tmp_path, *files, "--json", "--model", str(model_folder))
     assert out.returncode == 2, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["file"] for r in rows] == [
@@ -61,7 +61,7 @@ def test_unreadable_files_get_one_error_line_each_and_the_rest_is_classified(
 
 def test_without_a_store_it_says_so_and_creates_none(tmp_path: Path) -> None:
     np.save(tmp_path / "one.npy", np.zeros((28, 28), np.uint8))
-    out = run_stage("predict", tmp_path, "one.npy")
+    out = call_stage("predict", tmp_path, "one.npy")
     assert out.returncode == 2
     assert "error: no MLflow store at" in out.stderr and "Traceback" not in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.npy"]

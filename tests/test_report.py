@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import run_stage
+from helpers import call_stage
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -61,7 +61,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]
 
 
 def run_report(uri: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return run_stage("report", cwd, *args, env={"MLFLOW_TRACKING_URI": uri})
+    return call_stage("report", cwd, *args, env={"MLFLOW_TRACKING_URI": uri})
 
 
 def test_report_tabulates_every_finished_run_with_the_params_that_differ(

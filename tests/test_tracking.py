@@ -19,9 +19,9 @@ import mlflow
 import pytest
 from helpers import (
     GIT,
+    call_stage,
     clean_env,
     free_port,
-    run_stage,
     sh,
     working_in,
     write_params,
@@ -361,7 +361,7 @@ def test_train_on_a_corrupt_store_exits_2_with_one_error_line_before_training(
     db = tmp_path / "mlflow.db"
     db.write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 16)  # a header, then garbage
     before, mtime = db.read_bytes(), db.stat().st_mtime_ns
-    out = run_stage("train", tmp_path, "--readout", "state_h")
+    out = call_stage("train", tmp_path, "--readout", "state_h")
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 2, out.stderr[-3000:]
     assert len(errors) == 1 and "mlflow.db" in errors[0], out.stderr[-3000:]

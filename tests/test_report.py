@@ -57,6 +57,11 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]
         ids[f"{cell}-{order}"] = run_id
     unfinished = client.create_run(experiment, run_name="still-running")
     client.log_param(unfinished.info.run_id, "model.cell", "lstm")
+    # A comparison's parent run (compare logs one per DVC experiment): not a trained model.
+    tags = {"dvc.exp_name": "exp-gru-rows", "compare.runs": ids["gru-rows"]}
+    parent = client.create_run(experiment, tags=tags, run_name="exp-gru-rows: gru-rows readouts")
+    client.log_metric(parent.info.run_id, "test_accuracy/state_h", 0.95)
+    client.set_terminated(parent.info.run_id, "FINISHED")
     return uri, ids
 
 
@@ -72,7 +77,7 @@ def test_report_tabulates_every_finished_run_with_the_params_that_differ(
     assert done.returncode == 0, done.stderr
     text = (tmp_path / "reports/experiments/report.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| `")]
-    assert len(rows) == 4  # the unfinished run is left out
+    assert len(rows) == 4  # the unfinished run and the comparison's parent run are left out
     header = text.splitlines()[2]
     assert "model.cell" in header and "sequence.order" in header
     assert "train.lr" not in header  # the same in every run

@@ -105,7 +105,6 @@ def main() -> None:
     runs = {r: read_json(MODELS / r / "run.json") for r in readouts}
     curves = {r: read_curve(r) for r in readouts}
     store.configure()
-    store.quiet_artifacts()
     client = MlflowClient()
     mlflow_runs = {r: readout_run(client, r, runs[r]["run_id"]) for r in readouts}
 

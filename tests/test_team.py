@@ -19,7 +19,7 @@ import pytest
 from helpers import (
     GIT,
     TRAINED,
-    assert_no_tf_noise,
+    assert_quiet,
     clean_env,
     copy_project,
     poll,
@@ -145,7 +145,7 @@ def test_two_machines_share_a_server_a_dvc_remote_and_experiments(
         "--model", "models/state_h", cwd=c,  # no MLflow settings: the model is on disk
     )  # fmt: skip
     pulled = out.stdout
-    assert_no_tf_noise(out.stderr)
+    assert_quiet(out.stderr)
     assert "AutoGraph" not in out.stderr and "input example" not in out.stderr, out.stderr
     (baseline,) = [v for v in versions if v.tags["dvc.exp_name"] == ""]
     served = on(c, sys.executable, "-m", "pipeline.predict", "digits.npy", "--json", "--model",

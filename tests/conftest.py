@@ -50,3 +50,13 @@ def server(database: str, tmp_path: Path) -> Iterator[str]:
     process, uri = start_server(database, tmp_path / "server")
     yield uri
     stop(process)
+
+
+@pytest.fixture
+def auth_server(database: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """`mlflow server --app-name basic-auth`: its URI and working folder (where its logins live)."""
+    folder = tmp_path / "auth"
+    folder.mkdir()
+    process, uri = start_server(database, folder, auth=True)
+    yield uri, folder
+    stop(process)

@@ -321,3 +321,26 @@ def drawing_png(image: np.ndarray, side: int = 140) -> bytes:
     buf = io.BytesIO()
     big.save(buf, "PNG")
     return buf.getvalue()
+
+
+def login(user: str, password: str | None = None) -> dict[str, str]:
+    """A login as MLflow's clients read it from the environment; users the admin made in these
+    tests have the password f"{user}-Password-123"."""
+    password = password or (ADMIN[1] if user == ADMIN[0] else f"{user}-Password-123")
+    return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
+
+
+@contextlib.contextmanager
+def as_user(env: dict[str, str] | None = None) -> Iterator[None]:
+    """Run MLflow's clients in this process with a login (the admin's by default)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in (env or login(ADMIN[0])).items():
+            patch.setenv(name, value)
+        yield
+
+
+def one_error(out: subprocess.CompletedProcess[str]) -> str:
+    """The one `error:` line of a command that failed (a stage, or `dvc repro` running one)."""
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode != 0 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    return lines[0]

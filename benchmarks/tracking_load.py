@@ -28,7 +28,7 @@ import tempfile
 import time
 import uuid
 from multiprocessing.queues import Queue
-from multiprocessing.synchronize import Barrier, Event
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import numpy as np
@@ -52,15 +52,25 @@ def use_store(uri: str, experiment: str, root: str) -> str:
     """Point this process at the store as DVC's stage environment would; the experiment id."""
     os.environ |= {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment}
     os.environ |= {"DVC_ROOT": root, "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+    # Ten processes importing MLflow at once can keep a server on a small machine from answering
+    # within a stage's 5 s: this measures flushes, not that first check.
+    store.SERVER_TIMEOUT = TIMEOUT
     return store.configure()  # under store_lock for SQLite, as in train.py
 
 
-def write(store: Store, index: int, epochs: int, batches: int, start: Barrier, out: Queue) -> None:
+def ready(go: Event, stop: Event, out: Queue) -> bool:
+    """Say this process is set up; wait for every other one. False: the load was called off."""
+    out.put(("ready",))
+    return go.wait(TIMEOUT) and not stop.is_set()
+
+
+def write(store: Store, index: int, epochs: int, batches: int, go: Event, stop: Event, out: Queue):
     experiment_id = use_store(*store)
     rng, flushes, error = np.random.default_rng(index), [], ""
     with tracking.run(experiment_id, None, f"writer-{index}", {"writer": index}, {}) as run_id:
         log = tracking.MetricBuffer(run_id)
-        start.wait(TIMEOUT)
+        if not ready(go, stop, out):
+            return
         try:
             for epoch in range(epochs):
                 for batch in range(batches):
@@ -76,10 +86,11 @@ def write(store: Store, index: int, epochs: int, batches: int, start: Barrier, o
     out.put(("writer", run_id, flushes, error))
 
 
-def read(store: Store, interval: float, start: Barrier, stop: Event, out: Queue) -> None:
+def read(store: Store, interval: float, go: Event, stop: Event, out: Queue) -> None:
     client = MlflowClient(store[0])
     experiment_id = client.get_experiment_by_name(store[1]).experiment_id
-    start.wait(TIMEOUT)
+    if not ready(go, stop, out):
+        return
     ok, failed, error = 0, 0, ""
     while not stop.is_set():
         try:
@@ -94,13 +105,15 @@ def read(store: Store, interval: float, start: Barrier, stop: Event, out: Queue)
 
 
 def collect(out: Queue, processes: list[mp.process.BaseProcess], n: int) -> list[tuple]:
-    """n results from out; fewer if the processes end without sending them all."""
+    """n messages from out; fewer as soon as one of the processes has ended without its own (a
+    process that dies never sends it: waiting on would hang)."""
     results: list[tuple] = []
     while len(results) < n:
+        ended = sum(p.exitcode is not None for p in processes)  # their messages are in out
         try:
-            results.append(out.get(timeout=5))
+            results.append(out.get(timeout=1))
         except queue.Empty:
-            if not any(p.is_alive() for p in processes):
+            if ended > len(results):
                 break
     return results
 
@@ -108,18 +121,27 @@ def collect(out: Queue, processes: list[mp.process.BaseProcess], n: int) -> list
 def load(store: Store, args: argparse.Namespace) -> tuple[list[tuple], list[tuple], float]:
     """The writers' and the readers' results, and the seconds from start to the last flush."""
     ctx = mp.get_context("spawn")
-    start, stop, out = ctx.Barrier(args.writers + args.readers + 1), ctx.Event(), ctx.Queue()
+    go, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
     writers = [
-        ctx.Process(target=write, args=(store, i, args.epochs, args.batches, start, out))
+        ctx.Process(target=write, args=(store, i, args.epochs, args.batches, go, stop, out))
         for i in range(args.writers)
     ]
     readers = [
-        ctx.Process(target=read, args=(store, args.read_interval, start, stop, out))
+        ctx.Process(target=read, args=(store, args.read_interval, go, stop, out))
         for _ in range(args.readers)
     ]
     for process in writers + readers:
         process.start()
-    start.wait(TIMEOUT)  # every process has started (imports: seconds each) and has its run
+    # Every process has started (imports: seconds each) and has its run; if one died on the
+    # way (its traceback is above), call the load off rather than wait for it.
+    if len(collect(out, writers + readers, len(writers + readers))) < len(writers + readers):
+        stop.set()
+        go.set()
+        for process in writers + readers:  # a reader may be deep in MLflow's HTTP retries
+            process.join(5)
+            process.terminate()
+        return [], [], 0.0
+    go.set()
     began = time.perf_counter()
     written = collect(out, writers, args.writers)
     wall = time.perf_counter() - began

@@ -1,15 +1,65 @@
 """Fixtures shared by the tests; the plain helpers they build on are in helpers.py."""
 
 import os
+import sqlite3
 import uuid
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
+import sqlalchemy
 from helpers import start_server, stop, working_in
+from mlflow.store.db import utils as db_utils
+from mlflow.store.model_registry import sqlalchemy_store as registry_store
+from mlflow.tracking import MlflowClient
+from sqlalchemy.engine import Engine
 
 from pipeline import datasets
+
+# Modules whose module-scoped fixtures cost seconds to minutes (a repository after `dvc repro`, a
+# logged model): under `--dist loadgroup` each one runs on one worker, so they are built once.
+SHARED_FIXTURES = {"test_pipeline", "test_resume", "test_image_model", "test_predict"}
+SHARED_FIXTURES |= {"test_register", "test_report"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem in SHARED_FIXTURES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    # Modules with slow tests first, each kept in one piece: the long tests start while the
+    # quick ones are left to fill both workers at the end.
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def new_stores_from_a_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """MLflow makes a new SQLite store by running its schema migrations one by one: 1-2 s of CPU
+    and a hundred fsyncs each time, and tests in this process make dozens. Make one store per
+    session and copy it (SQLite's backup API) into each new one instead; the copy is the same
+    schema, so what the tests check is unchanged. Stages in other processes are not affected."""
+    template = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{template}").search_experiments()  # MLflow's own migrations
+    initialize_tables = db_utils._initialize_tables
+
+    def from_template(engine: Engine) -> None:
+        target = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+        if not target or target == ":memory:":
+            return initialize_tables(engine)
+        engine.dispose()  # no pooled connection holds the file while it is overwritten
+        with closing(sqlite3.connect(template)) as source, closing(sqlite3.connect(target)) as copy:
+            source.backup(copy)
+
+    with (
+        mock.patch.object(db_utils, "_initialize_tables", from_template),
+        mock.patch.object(registry_store, "_initialize_tables", from_template),
+    ):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +74,11 @@ def isolated(tmp_path: Path) -> Iterator[Path]:
         yield root
 
 
-@pytest.fixture
-def database() -> Iterator[str]:
-    """A fresh PostgreSQL database for one test's server; dropped afterwards."""
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[tuple[Any, str]]:
+    """The PostgreSQL server of .ci/run: a connection to it, and a database holding MLflow's tables,
+    made once per session as the template of each test's own. A new database copied from a
+    template takes a second; a tracking server migrating an empty one takes 10-30 s."""
     url = os.environ.get("TEST_POSTGRES_URL")
     if not url:
         if os.environ.get("CI"):
@@ -34,13 +86,26 @@ def database() -> Iterator[str]:
         pytest.skip("no PostgreSQL: set TEST_POSTGRES_URL (see .ci/run)")
     import psycopg2
 
-    name = f"mlflow_test_{uuid.uuid4().hex[:8]}"
     admin = psycopg2.connect(url.replace("+psycopg2", ""))
     admin.autocommit = True
-    admin.cursor().execute(f"CREATE DATABASE {name}")
-    yield f"{url.rsplit('/', 1)[0]}/{name}"
-    admin.cursor().execute(f"DROP DATABASE {name} WITH (FORCE)")
+    template = f"mlflow_template_{uuid.uuid4().hex[:8]}"
+    admin.cursor().execute(f"CREATE DATABASE {template}")
+    engine = sqlalchemy.create_engine(f"{url.rsplit('/', 1)[0]}/{template}")
+    db_utils._initialize_tables(engine)  # MLflow's own migrations
+    engine.dispose()  # a template must have no connection when it is copied
+    yield admin, template
+    admin.cursor().execute(f"DROP DATABASE {template} WITH (FORCE)")
     admin.close()
+
+
+@pytest.fixture
+def database(postgres: tuple[Any, str]) -> Iterator[str]:
+    """A fresh PostgreSQL database with MLflow's tables, for one test's server; dropped after."""
+    admin, template = postgres
+    name = f"mlflow_test_{uuid.uuid4().hex[:8]}"
+    admin.cursor().execute(f"CREATE DATABASE {name} TEMPLATE {template}")
+    yield f"{os.environ['TEST_POSTGRES_URL'].rsplit('/', 1)[0]}/{name}"
+    admin.cursor().execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 @pytest.fixture

@@ -145,6 +145,7 @@ def start_server(database: str, folder: Path, auth: bool = False) -> tuple[subpr
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", database]
     command += ["--artifacts-destination", str(folder / "artifacts")]
     command += ["--host", "127.0.0.1", "--port", str(port)]
+    command += ["--workers", "2"]  # not 4: each imports MLflow's server (seconds of CPU) at start
     env = clean_env()
     if auth:
         command += ["--app-name", "basic-auth"]

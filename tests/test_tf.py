@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import ROOT, clean_env, sh
 
 
@@ -17,6 +18,7 @@ def test_a_failing_import_shows_what_was_captured_and_the_error(tmp_path: Path) 
     assert "F0000 the real reason" in out.stderr and "ImportError: no keras here" in out.stderr
 
 
+@pytest.mark.slow  # the quick loop has test_train's stage process, which asserts it quiet
 def test_a_working_import_prints_nothing(tmp_path: Path) -> None:
     code = "from pipeline.tf import keras, tf; print(tf.reduce_sum(tf.ones(3)).numpy())"
     out = sh(sys.executable, "-c", code, cwd=tmp_path)

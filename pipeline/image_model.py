@@ -10,7 +10,8 @@ this file inside the model, and all it needs besides numpy, Pillow, Keras and ML
   so a client loads the model with mlflow.pyfunc or `mlflow models serve` alone.
 Input, one of:
 - numbers [N, 28, 28] (or one image [28, 28]): pixel values 0-255 or 0-1, ink bright on dark; an
-  input whose largest value is above 1 is taken as 0-255;
+  input whose largest value is above 1 is taken as 0-255; NaN, infinity, values outside 0-255 and
+  non-numbers (null, true, "7") are refused, not clipped or converted;
 - image files [N] (or one): PNG or JPEG, as base64 strings (JSON) or bytes, converted by
   pipeline/images.py exactly as `python -m pipeline.predict FILE` converts them (a black-on-white
   drawing is inverted, its digit scaled and centred as MNIST's were).

@@ -260,7 +260,8 @@ def serving(
             command, cwd=here, env=env, stdout=log, stderr=log, start_new_session=True
         )
     try:
-        wait_until_up(f"http://127.0.0.1:{port}/ping", server)
+        # importing TensorFlow takes minutes on a machine busy with other tests
+        wait_until_up(f"http://127.0.0.1:{port}/ping", server, seconds=300)
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(server)

@@ -62,8 +62,9 @@ def exit_code(main: Callable[[], object]) -> int:
         if getattr(exc, "error_code", None) != "PERMISSION_DENIED":
             raise
         user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        uri = redact(os.environ.get("MLFLOW_TRACKING_URI", ""))
         print(
-            f"error: MLFLOW_TRACKING_URI={redact(os.environ.get('MLFLOW_TRACKING_URI', ''))}: the server "
+            f"error: MLFLOW_TRACKING_URI={uri}: the server "
             f"denies user {user!r} this ({str(exc).splitlines()[0]}): ask its admin for EDIT "
             "permission on the experiment (and on the registered model, for register)",
             file=sys.stderr,

@@ -205,7 +205,8 @@ def wait_for_queue(repo: Path, env: dict[str, str] | None = None, seconds: float
 
 
 def post(url: str, body: object) -> tuple[int, dict]:
-    """(HTTP status, JSON answer) of a JSON POST to a served model's /invocations, as `curl -d @request.json` sends it."""
+    """(HTTP status, JSON answer) of a JSON POST to a served model's /invocations, as
+    `curl -d @request.json` sends it."""
     data = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     request = urllib.request.Request(f"{url}/invocations", data=data, headers=headers)

@@ -51,8 +51,8 @@ def readout_run(client: MlflowClient, readout: str, run_id: str) -> Run:
     except mlflow.exceptions.MlflowException:
         raise DataError(
             f"{MODELS / readout / 'run.json'} names MLflow run {run_id}, which is not in "
-            f"{store.tracking_uri()}: retrain it (dvc repro -f -s train@{readout}) or point "
-            "MLFLOW_TRACKING_URI at the store it was trained into"
+            f"{store.redact(store.tracking_uri())}: retrain it (dvc repro -f -s train@{readout}) "
+            "or point MLFLOW_TRACKING_URI at the store it was trained into"
         ) from None
 
 

@@ -10,7 +10,8 @@ this file inside the model, and all it needs besides numpy, Pillow, Keras and ML
   so a client loads the model with mlflow.pyfunc or `mlflow models serve` alone.
 Input, one of:
 - numbers [N, 28, 28] (or one image [28, 28]): pixel values 0-255 or 0-1, ink bright on dark; an
-  input whose largest value is above 1 is taken as 0-255;
+  input whose largest value is above 1 is taken as 0-255; NaN, infinity, values outside 0-255 and
+  non-numbers (null, true, "7") are refused, not clipped or converted;
 - image files [N] (or one): PNG or JPEG, as base64 strings (JSON) or bytes, converted by
   pipeline/images.py exactly as `python -m pipeline.predict FILE` converts them (a black-on-white
   drawing is inverted, its digit scaled and centred as MNIST's were).
@@ -35,6 +36,8 @@ from pipeline.images import picture  # the model's own copy, from its code/ fold
 from pipeline.stage import DataError
 
 BATCH = 1024  # as evaluate scores the test set, so that both compute the same logits
+NUMBERS = (int, float, np.integer, np.floating)
+BOOLS = (bool, np.bool_)
 EXPECTED = (
     "images [N, 28, 28] of numbers, or image files [N] (PNG or JPEG, base64 strings or bytes)"
 )
@@ -70,8 +73,8 @@ class ImageClassifier(PythonModel):
             images = images[None]
         if images.ndim != 3 or images.shape[1:] != (28, 28):
             raise bad(f"expected {EXPECTED}, got numbers of shape {shape}")
-        if images.size and (images.min() < 0 or images.max() > 255):
-            raise bad("pixel values must lie in 0-255 (or 0-1)")
+        check_pixels(images)
+        images = images.astype(np.float32)
         if images.size and images.max() > 1:
             images = images / np.float32(255)
         sequences = images.reshape(len(images), 784)[:, self.index]
@@ -84,14 +87,19 @@ class ImageClassifier(PythonModel):
         return {"probabilities": probabilities, "class": logits.argmax(axis=1)}
 
     def images(self, x: np.ndarray) -> np.ndarray:
-        """float32 pixels: numbers as they are, files converted as predict converts them."""
+        """float64 pixels: numbers as they are, files converted as predict converts them."""
         if x.ndim <= 1 and x.size and all(isinstance(v, (str, bytes)) for v in x.flat):
             return np.stack([self.read(v, f"image {i}") for i, v in enumerate(x.flat)])
+        # JSON numbers arrive as an array of objects: null, true or "7" would pass astype as
+        # NaN, 1 or 7, so every element must be a number
+        kinds = {type(v) for v in x.flat} if x.dtype == object else {x.dtype.type}
+        if not all(issubclass(k, NUMBERS) and not issubclass(k, BOOLS) for k in kinds):
+            names = sorted({"null" if k is type(None) else k.__name__ for k in kinds})
+            raise bad(f"expected {EXPECTED}, got {', '.join(names)} {list(x.shape)}")
         try:
-            return x.astype(np.float32)
-        except (TypeError, ValueError):  # strings among numbers, ragged lists
-            kinds = sorted({type(v).__name__ for v in x.flat})
-            raise bad(f"expected {EXPECTED}, got {', '.join(kinds)} {list(x.shape)}") from None
+            return x.astype(np.float64)
+        except OverflowError:  # an integer beyond any float: 1e400 as JSON digits
+            raise bad("pixel values must lie in 0-255 (or 0-1), found a number beyond it") from None
 
     def read(self, file: str | bytes, name: str) -> np.ndarray:
         if isinstance(file, str):
@@ -102,9 +110,23 @@ class ImageClassifier(PythonModel):
         if not file:
             raise bad(f"{name}: empty file")
         try:
-            return picture(file, name, self.dataset).astype(np.float32)
+            return picture(file, name, self.dataset).astype(np.float64)
         except DataError as exc:
             raise bad(str(exc)) from None
+
+
+def check_pixels(images: np.ndarray) -> None:
+    """Refuse the first image [N, 28, 28] that holds a value no image has: predict refuses the same
+    arrays (pipeline/images.py). NaN would give NaN probabilities and class 0; no clipping."""
+    finite = np.isfinite(images).all(axis=(1, 2))
+    if not finite.all():
+        i = int(np.argmin(finite))
+        raise bad(f"image {i}: pixel values must be finite numbers, found NaN or infinity")
+    inside = ((images >= 0) & (images <= 255)).all(axis=(1, 2))
+    if not inside.all():
+        i = int(np.argmin(inside))
+        lo, hi = float(images[i].min()), float(images[i].max())
+        raise bad(f"image {i}: pixel values must lie in 0-255 (or 0-1), found {lo:g}..{hi:g}")
 
 
 mlflow.models.set_model(ImageClassifier())

@@ -163,8 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     if src_uri.startswith("sqlite:///") and not Path(src_uri[10:]).is_file():
         raise ConfigError(f"no MLflow store at {src_uri[10:]}: nothing to move (or pass --from)")
     if src_uri.startswith(("http://", "https://")):
-        store.check_server(src_uri)
-    store.check_server(args.to)
+        store.check_server(src_uri, "--from")
+    if not args.to.startswith(("http://", "https://")):  # a database: artifacts need the server
+        raise ConfigError(f"--to {store.redact(args.to)}: not a tracking server's http(s):// URL")
+    store.check_server(args.to, "--to")
     # Its own lines say what moved: not MLflow's progress bars, run links and waiting notices.
     store.quiet()
     src, dst = MlflowClient(src_uri), MlflowClient(args.to)

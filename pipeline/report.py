@@ -39,7 +39,9 @@ def find_runs(
         return [client.get_run(run_id) for run_id in run_ids]
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        raise ConfigError(f"no experiment {experiment!r} in {store.tracking_uri()}; run dvc repro")
+        raise ConfigError(
+            f"no experiment {experiment!r} in {store.redact(store.tracking_uri())}; run dvc repro"
+        )
     if exp_names:
         runs = []
         for name in exp_names:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -35,6 +36,14 @@ class ConfigError(RuntimeError):
     """The environment is not usable: e.g. no MLflow server answers, or mlflow.db is damaged."""
 
 
+def redact(uri: str) -> str:
+    """`uri` fit to print: its password, if any (scheme://user:password@host), becomes ***."""
+    parts = urllib.parse.urlsplit(uri)
+    login, at, host = parts.netloc.rpartition("@")
+    user, colon, _ = login.partition(":")
+    return parts._replace(netloc=f"{user}:***@{host}").geturl() if at and colon else uri
+
+
 def exit_code(main: Callable[[], object]) -> int:
     """Run a stage's main() as its command does; return the exit code instead of exiting.
 
@@ -53,8 +62,9 @@ def exit_code(main: Callable[[], object]) -> int:
         if getattr(exc, "error_code", None) != "PERMISSION_DENIED":
             raise
         user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        uri = redact(os.environ.get("MLFLOW_TRACKING_URI", ""))
         print(
-            f"error: MLFLOW_TRACKING_URI={os.environ.get('MLFLOW_TRACKING_URI')}: the server "
+            f"error: MLFLOW_TRACKING_URI={uri}: the server "
             f"denies user {user!r} this ({str(exc).splitlines()[0]}): ask its admin for EDIT "
             "permission on the experiment (and on the registered model, for register)",
             file=sys.stderr,

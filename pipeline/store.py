@@ -15,6 +15,7 @@ import logging
 import os
 import sqlite3
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import mlflow
 from filelock import FileLock
 from sqlalchemy.engine import make_url
 
-from pipeline.stage import ConfigError
+from pipeline.stage import ConfigError, redact
 
 EXPERIMENT = "rnn-mnist-sequences"
 SERVER_TIMEOUT = 5.0  # seconds a tracking server gets to answer before a stage gives up
@@ -97,10 +98,19 @@ def store_lock(uri: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def check_server(uri: str) -> None:
+def check_server(uri: str, name: str = "MLFLOW_TRACKING_URI") -> None:
     """Fail in seconds, before any training, if no tracking server answers at `uri` or it
-    refuses this client's login (MLflow's basic-auth answers 401 or 403)."""
+    refuses this client's login (MLflow's basic-auth answers 401 or 403). `name` is where the
+    URI came from, for the messages, which never show a password."""
     seconds = SERVER_TIMEOUT
+    shown = f"{name}{' ' if name.startswith('--') else '='}{redact(uri)}"  # --to URI, VAR=URI
+    if "@" in urllib.parse.urlsplit(uri).netloc:
+        # MLflow's client would send it, but prints the URI whole in its errors
+        raise ConfigError(
+            f"{shown}: a login in the URI is not used, as MLflow would print it in its errors: "
+            "give the server's URI alone and the login in MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD"
+        )
     # An API call, not /health: a server with logins lets anyone see /health.
     request = urllib.request.Request(
         f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1"
@@ -120,19 +130,20 @@ def check_server(uri: str) -> None:
                 if user
                 else ("asks for a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
             )
-            raise ConfigError(f"MLFLOW_TRACKING_URI={uri}: the server {who} (HTTP 401)") from None
+            raise ConfigError(f"{shown}: the server {who} (HTTP 401)") from None
         if exc.code == 403:
             raise ConfigError(
-                f"MLFLOW_TRACKING_URI={uri}: user {user!r} may not read experiments there "
+                f"{shown}: user {user!r} may not read experiments there "
                 "(HTTP 403): ask the server's admin for permission"
             ) from None
         return  # another answer (an older server without this endpoint?): a server is there
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
+        instead = ", or unset MLFLOW_TRACKING_URI to use the embedded store mlflow.db"
         raise ConfigError(
-            f"MLFLOW_TRACKING_URI={uri}: no MLflow server answered within {seconds:g} s "
-            f"({reason}). Start one (mlflow server --host 127.0.0.1 --port 5000), fix the URI, "
-            "or unset MLFLOW_TRACKING_URI to use the embedded store mlflow.db"
+            f"{shown}: no MLflow server answered within {seconds:g} s ({reason}). Start one "
+            "(mlflow server --host 127.0.0.1 --port 5000) or fix the URI"
+            f"{instead if name == 'MLFLOW_TRACKING_URI' else ''}"
         ) from None
 
 

@@ -205,6 +205,19 @@ def wait_for_queue(repo: Path, env: dict[str, str] | None = None, seconds: float
     return status
 
 
+def post(url: str, body: object) -> tuple[int, dict]:
+    """(HTTP status, JSON answer) of a JSON POST to a served model's /invocations, as
+    `curl -d @request.json` sends it."""
+    data = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    request = urllib.request.Request(f"{url}/invocations", data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 where nothing listens (right now)."""
     with socket.socket() as s:

@@ -7,9 +7,11 @@ import ast
 import base64
 import io
 import json
+import math
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +19,15 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from helpers import ROOT, drawing_png, env_without_project
+from helpers import (
+    ROOT,
+    drawing_png,
+    env_without_project,
+    free_port,
+    post,
+    stop,
+    wait_until_up,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PyFuncModel
 from mlflow.pyfunc.scoring_server import invocations
@@ -80,6 +90,8 @@ def test_pixel_values_0_to_1_and_0_to_255_give_the_same_answer(tmp_path: Path) -
         ),
         (np.full((1, 28, 28), 300, np.float32), "0-255"),
         (np.full((1, 28, 28), -1, np.float32), "0-255"),
+        (np.full((1, 28, 28), np.nan, np.float32), "image 0: .* finite numbers, found NaN"),
+        (np.full((1, 28, 28), True), r"got bool \[1, 28, 28\]"),
     ],
 )
 def test_bad_images_are_refused(tmp_path: Path, images: np.ndarray, message: str) -> None:
@@ -227,3 +239,61 @@ def test_the_model_folder_holds_the_conversion_code(
     files = ast.literal_eval(out.stdout)
     assert sorted(files) == ["pipeline", "pipeline.images", "pipeline.io", "pipeline.stage"]
     assert all(Path(file).is_relative_to(code) for file in files.values()), files
+
+
+# ---- pixels no image has, through `mlflow models serve` -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def serving(
+    packaged: tuple[PyFuncModel, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """`mlflow models serve` of the packaged model, where this project is not importable."""
+    _, folder = packaged
+    here = tmp_path_factory.mktemp("serving")
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(folder)]
+    command += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    env = env_without_project(here / "site", MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    with (here / "serve.log").open("w") as log:
+        server = subprocess.Popen(
+            command, cwd=here, env=env, stdout=log, stderr=log, start_new_session=True
+        )
+    try:
+        # importing TensorFlow takes minutes on a machine busy with other tests
+        wait_until_up(f"http://127.0.0.1:{port}/ping", server, seconds=300)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(server)
+
+
+BAD_PIXELS: dict[str, tuple[object, str]] = {  # one pixel of image 1, JSON as Python writes it
+    "NaN": (math.nan, "image 1: pixel values must be finite numbers, found NaN or infinity"),
+    "Infinity": (math.inf, "image 1: pixel values must be finite numbers, found NaN or infinity"),
+    "-Infinity": (-math.inf, "image 1: pixel values must be finite numbers, found NaN or infinity"),
+    "negative": (-1, "image 1: pixel values must lie in 0-255 (or 0-1), found -1..200"),
+    "slightly negative": (-0.001, "image 1: pixel values must lie in 0-255 (or 0-1), found"),
+    "above 255": (255.5, "image 1: pixel values must lie in 0-255 (or 0-1), found 0..255.5"),
+    "beyond any float": (10**400, "pixel values must lie in 0-255 (or 0-1), found a number beyond"),
+    "null": (None, "got int, null [2, 28, 28]"),
+    "true": (True, "got bool, int [2, 28, 28]"),
+    "a string": ("7", "got int, str [2, 28, 28]"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PIXELS)
+def test_the_served_model_refuses_pixels_no_image_has(serving: str, case: str) -> None:
+    """A 400 whose message ends in one sentence naming the image, never an answer (NaN gave
+    class 0 and NaN probabilities) nor a stack trace (an integer beyond float's range did)."""
+    digits = np.zeros((2, 28, 28), np.int64)
+    digits[:, 6:22, 12:16] = 200  # a "1" in each image
+    images = digits.tolist()
+    value, expected = BAD_PIXELS[case]
+    images[1][0][0] = value
+    status, reply = post(serving, {"inputs": images})
+    assert status == 400, reply
+    assert reply["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert "stack_trace" not in reply and "Traceback" not in json.dumps(reply)
+    assert expected in reply["message"].rsplit("Error: ", 1)[1], reply["message"]
+    status, answer = post(serving, {"inputs": digits.tolist()})
+    assert status == 200 and len(answer["predictions"]["class"]) == 2  # the same server answers

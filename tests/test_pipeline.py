@@ -11,8 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import keras
@@ -26,6 +24,7 @@ from helpers import (
     dvc,
     env_without_project,
     free_port,
+    post,
     run_stage,
     wait_until_up,
 )
@@ -334,18 +333,6 @@ def test_predict_classifies_image_files_as_the_arrays_from_any_folder(repo: Path
     agree = np.mean(np.array(from_files) == np.array(from_arrays))
     assert agree >= 0.9, (from_files, from_arrays)  # resampling moves a few pixels
     assert not (folder / "mlflow.db").exists()  # the project's store, found from a subfolder
-
-
-def post(url: str, body: object) -> tuple[int, dict]:
-    """(HTTP status, JSON answer) of a JSON POST, as `curl -d @request.json` sends it."""
-    data = json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
-    request = urllib.request.Request(f"{url}/invocations", data=data, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def test_mlflow_models_serve_answers_like_predict(repo: Path) -> None:

@@ -1,8 +1,10 @@
 """MLflow configuration: where the store is, where artifacts go, and buffered metric logging."""
 
 import base64
+import contextlib
 import hashlib
 import http.server
+import io
 import json
 import os
 import random
@@ -14,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import mlflow
 import pytest
@@ -22,15 +25,18 @@ from helpers import (
     call_stage,
     clean_env,
     free_port,
+    one_error,
     sh,
     working_in,
     write_params,
     write_prepared,
 )
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
 from mlflow.tracking import MlflowClient
 
 from pipeline import store, tracking
-from pipeline.stage import ConfigError
+from pipeline.stage import ConfigError, exit_code
 
 
 def test_project_root_is_the_workspace_even_inside_a_dvc_temp_copy(
@@ -423,6 +429,55 @@ def test_a_server_that_refuses_the_login_stops_the_stage_in_one_line(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_password_never_reaches_a_message(isolated: Path) -> None:
+    """A login in the URI is refused in one line that hides the password (the check used to
+    print it and say "Name or service not known" although the server answered; MLflow's client
+    would send it, but prints the URI whole in its errors); so is a database as migrate's target."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoginServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host = f"127.0.0.1:{server.server_address[1]}"
+    (isolated / "mlflow.db").touch()  # migrate's source: checked only after its target
+    try:
+        with_login = {"MLFLOW_TRACKING_URI": f"http://alice:secret@{host}"}
+        lines = [
+            one_error(call_stage("report", isolated, env=with_login)),
+            one_error(call_stage("migrate", isolated, "--to", f"http://alice:secret@{host}")),
+            one_error(call_stage("migrate", isolated, "--from", f"http://alice:secret@{host}",
+                                 "--to", f"http://{host}")),
+            one_error(call_stage("migrate", isolated, "--to", "postgresql://u:secret@db/mlflow")),
+        ]  # fmt: skip
+        logins = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "secret"}
+        with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": f"http://{host}", **logins}):
+            store.check_server(f"http://{host}")  # the same login as the variables say: accepted
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not [line for line in lines if "secret" in line], lines
+    fix = "a login in the URI is not used, as MLflow would print it in its errors: give the "
+    fix += (
+        "server's URI alone and the login in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    )
+    assert lines[:3] == [
+        f"error: MLFLOW_TRACKING_URI=http://alice:***@{host}: {fix}",
+        f"error: --to http://alice:***@{host}: {fix}",
+        f"error: --from http://alice:***@{host}: {fix}",
+    ]
+    assert (
+        lines[3]
+        == "error: --to postgresql://u:***@db/mlflow: not a tracking server's http(s):// URL"
+    )
+
+    def denied() -> None:  # as a server's basic-auth app refuses a call mid-stage
+        raise MlflowException("Permission denied", error_code=PERMISSION_DENIED)
+
+    err = io.StringIO()
+    uri = {"MLFLOW_TRACKING_URI": "postgresql://u:secret@db/mlflow"}
+    with mock.patch.dict(os.environ, uri), contextlib.redirect_stderr(err):
+        assert exit_code(denied) == 2
+    assert err.getvalue().startswith("error: MLFLOW_TRACKING_URI=postgresql://u:***@db/mlflow: ")
 
 
 def test_a_comparison_parent_is_found_by_the_runs_it_compares_and_nests_them(

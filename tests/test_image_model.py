@@ -281,6 +281,7 @@ BAD_PIXELS: dict[str, tuple[object, str]] = {  # one pixel of image 1, JSON as P
 }
 
 
+@pytest.mark.slow  # a server process: the quick loop has test_bad_images_are_refused in process
 @pytest.mark.parametrize("case", BAD_PIXELS)
 def test_the_served_model_refuses_pixels_no_image_has(serving: str, case: str) -> None:
     """A 400 whose message ends in one sentence naming the image, never an answer (NaN gave

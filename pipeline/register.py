@@ -184,7 +184,8 @@ def version_tags(client: MlflowClient, readout: str, test_sha: str) -> dict[str,
     and what only this stage knows."""
     run_id = read_json(MODELS / readout / "run.json")["run_id"]
     run = client.get_run(run_id)
-    own = {key: value for key, value in run.data.tags.items() if not key.startswith("mlflow.")}
+    tags = run.data.tags.items()
+    own = {k: v for k, v in tags if not k.startswith("mlflow.") and k != tracking.OWNER}
     return own | {
         "test_accuracy": str(read_json(EVAL / readout / "metrics.json")["test_accuracy"]),
         "test_data.sha256": test_sha,

@@ -137,7 +137,7 @@ def test_after_a_kill_a_damaged_checkpoint_ends_its_run_and_training_starts_over
     write_prepared(tmp_path)
     command = [sys.executable, "-m", "pipeline.train", "--readout", "state_h"]
     process = subprocess.Popen(command, cwd=tmp_path, env=clean_env())
-    assert wait_for(tmp_path / CHECKPOINT, process)
+    assert wait_for(tmp_path / CHECKPOINT, process, seconds=600)  # a busy machine takes minutes
     process.kill()  # kill -9: the run stays RUNNING, its checkpoint stays
     process.wait()
     damage(tmp_path / CHECKPOINT, how)

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,21 +78,25 @@ def save(
     save_npz(path, state=np.array(json.dumps(dataclasses.asdict(state))), **arrays)
 
 
-def read_state(path: Path) -> TrainState | None:
-    """The state of a checkpoint, or None if there is none or it cannot be read."""
-    if not path.exists():
-        return None
+def read_state(path: Path) -> TrainState:
+    """The state of a checkpoint; DataError if it is damaged."""
+    text = str(load_npz(path, ("state",))["state"])
     try:
-        return TrainState(**json.loads(str(load_npz(path, ("state",))["state"])))
-    except (DataError, json.JSONDecodeError, TypeError):  # TypeError: another version's fields
-        return None
+        return TrainState(**json.loads(text))
+    except (json.JSONDecodeError, TypeError) as exc:  # TypeError: another version's fields
+        raise DataError(f"{path}: its training state is not readable ({exc})") from None
 
 
 def restore(path: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
-    """Load weights and optimizer variables in place (the optimizer must be built)."""
+    """Load weights and optimizer variables in place (the optimizer must be built); DataError,
+    with nothing changed, if the checkpoint is damaged."""
     n_weights, n_opt = len(model.weights), len(optimizer.variables)
     keys = tuple(f"w{i}" for i in range(n_weights)) + tuple(f"o{i}" for i in range(n_opt))
     arrays = load_npz(path, keys)
+    targets = [*model.weights, *optimizer.variables]
+    for key, target in zip(keys, targets, strict=True):
+        if arrays[key].shape != tuple(target.shape):
+            raise DataError(f"{path}: {key} has shape {arrays[key].shape}, not {target.shape}")
     model.set_weights([arrays[f"w{i}"] for i in range(n_weights)])
     for i, variable in enumerate(optimizer.variables):
         variable.assign(arrays[f"o{i}"])
@@ -102,17 +107,29 @@ def start_or_resume(
 ) -> tuple[TrainState, str | None]:
     """(state, stale run id): from a checkpoint of the same params and data, else fresh.
 
-    The stale run id is that of a checkpoint made for other params or data: its run can never be
-    finished now, and the caller marks it KILLED.
+    The stale run id is that of a checkpoint that cannot be resumed: made for other params or
+    data, or damaged (a file cut short, a bad CRC). Either way training starts over in a new run,
+    with one line saying why, and the caller ends the stale run. Starting over loses nothing but
+    time: training is deterministic, so it ends where the resumed run would have.
     """
-    state = read_state(path)
-    if state is not None and state.fingerprint == fp:
+    fresh = TrainState(fingerprint=fp)
+    if not path.exists():
+        return fresh, None
+    state: TrainState | None = None
+    try:
+        state = read_state(path)
+        if state.fingerprint != fp:
+            print(f"checkpoint {path} is for other params or data: starting clean")
+            return fresh, state.run_id
         restore(path, model, optimizer)
-        print(f"resuming run {state.run_id} at epoch {state.epoch + 1}, batch {state.batch}")
-        return state, None
-    if state is not None:
-        print(f"checkpoint {path} is for other params or data: starting clean")
-    return TrainState(fingerprint=fp), state.run_id if state else None
+    except DataError as exc:
+        print(
+            f"warning: {exc}: the checkpoint is damaged; training starts over in a new MLflow run",
+            file=sys.stderr,
+        )
+        return fresh, state.run_id if state else None
+    print(f"resuming run {state.run_id} at epoch {state.epoch + 1}, batch {state.batch}")
+    return state, None
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from pipeline import store, tracking
 from pipeline.io import load_npz, read_json, write_csv, write_json
 from pipeline.model import load_model, score
 from pipeline.plots import plt, save
-from pipeline.stage import EVAL, MODELS, PREPARED, run_stage
+from pipeline.stage import EVAL, MODELS, PREPARED, need_space, run_stage
 
 PER_CLASS = "per_class.json"  # the MLflow table artifact
 
@@ -48,7 +48,9 @@ def evaluate(readout: str) -> None:
     P.load()  # validate params.yaml before any work
     data = load_npz(PREPARED / "sequences.npz", ("x_test", "y_test"))
     run = read_json(MODELS / readout / "run.json")
-    store.configure()
+    # eval/ and mlruns/ each get the plot and tables (~30 bytes a test image), plus MLflow's rows
+    need_space("evaluate", 2**20 + 64 * len(data["y_test"]))
+    tracking.end_abandoned(store.configure())
     model = load_model(MODELS / readout / "model.keras")
 
     y = data["y_test"]
@@ -65,7 +67,7 @@ def evaluate(readout: str) -> None:
     plot_confusion(matrix, title, out / "confusion.png")
 
     # Into the run that train opened: one MLflow run per trained model.
-    with mlflow.start_run(run_id=run["run_id"]):
+    with mlflow.start_run(run_id=run["run_id"], tags=tracking.owner()):
         mlflow.log_metrics({"test_accuracy": accuracy, "test_loss": loss})
         table = {"class": list(range(10)), "accuracy": per_class.tolist()}
         tracking.log_table(

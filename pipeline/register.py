@@ -29,7 +29,16 @@ from pipeline import params as P
 from pipeline import store, tracking
 from pipeline.io import load_npz, read_json, write_json
 from pipeline.packaging import image_model, sequence_index
-from pipeline.stage import EVAL, MODELS, PREPARED, RAW, REGISTRY, ConfigError, run_stage
+from pipeline.stage import (
+    EVAL,
+    MODELS,
+    PREPARED,
+    RAW,
+    REGISTRY,
+    ConfigError,
+    need_space,
+    run_stage,
+)
 
 STALE_LOCK = 600  # seconds: a decision takes seconds; a lock this old was left by a killed stage
 LOCK_NOTE = (
@@ -43,7 +52,10 @@ def log_image_model(
 ) -> str:
     """Log the readout's network, wrapped to take images, into its run; return the model URI."""
     network = MODELS / readout / "model.keras"
-    with image_model(network, index, dataset) as parts, mlflow.start_run(run_id=run_id):
+    with (
+        image_model(network, index, dataset) as parts,
+        mlflow.start_run(run_id=run_id, tags=tracking.owner()),
+    ):
         # MLflow runs the example once: the logged model is known to load
         info = mlflow.pyfunc.log_model(name="image_model", input_example=example, **parts)
     return info.model_uri
@@ -172,7 +184,8 @@ def version_tags(client: MlflowClient, readout: str, test_sha: str) -> dict[str,
     and what only this stage knows."""
     run_id = read_json(MODELS / readout / "run.json")["run_id"]
     run = client.get_run(run_id)
-    own = {key: value for key, value in run.data.tags.items() if not key.startswith("mlflow.")}
+    tags = run.data.tags.items()
+    own = {k: v for k, v in tags if not k.startswith("mlflow.") and k != tracking.OWNER}
     return own | {
         "test_accuracy": str(read_json(EVAL / readout / "metrics.json")["test_accuracy"]),
         "test_data.sha256": test_sha,
@@ -263,7 +276,14 @@ def main() -> None:
     name = params.registry.model_name(params.data.dataset)
     test = load_npz(RAW / "dataset.npz", ("x_test", "y_test"))
     uri = store.tracking_uri()
-    store.configure()
+    # Each version's image model holds its network (as big as model.keras) and ~200 KB more
+    networks = sum(
+        (MODELS / r / "model.keras").stat().st_size
+        for r in params.readouts
+        if (MODELS / r / "model.keras").is_file()
+    )
+    need_space("register", 2**20 + networks + 2**18 * len(params.readouts))
+    tracking.end_abandoned(store.configure())
     client = MlflowClient()
     # SQLite takes one writer at a time: stages on one machine register in turn. On a server,
     # uploads and registrations go on in parallel; only the decision below waits for others.

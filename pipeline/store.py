@@ -55,6 +55,13 @@ def quiet() -> None:
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").addFilter(_not_disk_full)  # added once
+
+
+def _not_disk_full(record: logging.LogRecord) -> bool:
+    """A full disk: MLflow logs each failed SQL statement with its traceback (hundreds of lines)
+    before it raises; the stage's one `error:` line says it (pipeline/stage.py: disk_full)."""
+    return "database or disk is full" not in record.getMessage()
 
 
 def tracking_uri() -> str:

@@ -10,15 +10,17 @@ import hashlib
 import json
 import os
 import resource
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
-from mlflow.entities import Metric, Run
+from mlflow.entities import LoggedModelStatus, Metric, Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS, MLFLOW_PARENT_RUN_ID
 
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 
 MAX_METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
 COMPARES = "compare.runs"  # on a comparison's parent run: the readout runs it compares
+OWNER = "pipeline.process"  # "<machine> <pid>" of the process whose stage last opened the run
 
 
 def params_hash(params: dict[str, str]) -> str:
@@ -167,6 +170,44 @@ class _KerasWithExample:
         mlflow.keras.save_model(path=path, **kwargs)
 
 
+def owner() -> dict[str, str]:
+    """The tag naming this process as the run's owner, for end_abandoned() in later stages."""
+    return {OWNER: f"{socket.gethostname()}/{uuid.getnode():x} {os.getpid()}"}
+
+
+def _gone(tag: str) -> bool:
+    """Whether the owner named by an OWNER tag is a process of this machine that has ended."""
+    machine, _, pid = tag.rpartition(" ")
+    if machine != owner()[OWNER].rpartition(" ")[0] or not pid.isdigit():
+        return False  # another machine's process (or no tag): it may well be running
+    if int(pid) == os.getpid():
+        return True  # a process of our id that ended before us: no run of ours is open yet
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process has that id now
+        return False
+    return False
+
+
+def end_abandoned(experiment_id: str) -> None:
+    """Mark FAILED the runs that a process of this machine left RUNNING when it ended (killed, or
+    unable to write FAILED to a full disk), and the models they left PENDING."""
+    client = MlflowClient()
+    mine = mlflow.active_run()
+    for found in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+        run_id = found.info.run_id
+        if (mine and run_id == mine.info.run_id) or not _gone(found.data.tags.get(OWNER, "")):
+            continue
+        client.set_terminated(run_id, "FAILED")
+        # By run, not by status: MLflow 3.17's SQL store never matches `status = 'PENDING'`
+        for model in client.search_logged_models([experiment_id], f"source_run_id = '{run_id}'"):
+            if model.status == LoggedModelStatus.PENDING:
+                client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        print(f"run {run_id}: its process ended without ending it: marked FAILED")
+
+
 @contextlib.contextmanager
 def run(
     experiment_id: str, run_id: str | None, name: str, params: dict, tags: dict[str, str]
@@ -179,13 +220,15 @@ def run(
     active = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=name)
     try:
         mlflow.log_params({k: str(v) for k, v in params.items()})
-        mlflow.set_tags(tags)
+        mlflow.set_tags(tags | owner())
         yield active.info.run_id
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        # On a full disk even this may fail: the run then stays RUNNING until end_abandoned()
+        with contextlib.suppress(Exception):
+            mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
 

@@ -25,7 +25,7 @@ from pipeline import params as P
 from pipeline.checkpoint import Interrupted, TrainState
 from pipeline.io import atomic_path, load_npz, read_json, write_csv, write_json
 from pipeline.model import build_model, score
-from pipeline.stage import LOGS, MODELS, PREPARED, run_stage
+from pipeline.stage import LOGS, MODELS, PREPARED, need_space, run_stage
 from pipeline.tf import keras, tf
 
 
@@ -43,6 +43,21 @@ def make_optimizer(cfg: P.TrainParams, samples: int, steps: int = 1) -> keras.op
         total = cfg.epochs * -(-samples // cfg.batch_size) * chunks  # updates in the whole run
         lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=total)
     return keras.optimizers.Adam(learning_rate=lr, global_clipnorm=cfg.global_clipnorm)
+
+
+def space_needed(
+    model: keras.Model, optimizer: keras.optimizers.Optimizer, cfg: P.TrainParams, samples: int
+) -> int:
+    """Bytes that training writes to the project's disk, about (measured on small and default runs):
+    the checkpoint twice while it is replaced, the model with its optimizer in models/ and mlruns/,
+    ~500 bytes per metric point (in mlflow.db and the checkpoint), 1 MB of MLflow's files, and 1 MB
+    more for a new mlflow.db."""
+    values = model.count_params() + sum(int(np.prod(v.shape)) for v in optimizer.variables)
+    batches = cfg.epochs * -(-samples // cfg.batch_size)
+    points = 2 * batches // cfg.log_every_n_batches + 4 * cfg.epochs
+    db = store.project_root() / "mlflow.db"
+    new_store = not db.is_file() or db.stat().st_size == 0
+    return 4 * 4 * values + 500 * points + 2**20 * (1 + new_store)
 
 
 def fit(
@@ -116,7 +131,6 @@ def train(readout: str) -> None:
     data = load_npz(PREPARED / "sequences.npz", ("x_train", "y_train", "x_val", "y_val"))
     meta = read_json(PREPARED / "meta.json")
     _, steps, features = data["x_train"].shape
-    experiment_id = store.configure()  # fails here, before training, if the store is unusable
 
     keras.config.disable_interactive_logging()  # no progress bars from predict() calls
     keras.utils.set_random_seed(params.seed)
@@ -127,6 +141,9 @@ def train(readout: str) -> None:
     )
     optimizer = make_optimizer(params.train, len(data["y_train"]), steps)
     optimizer.build(model.trainable_variables)  # its variables exist from the start: checkpointable
+    need_space("train", space_needed(model, optimizer, params.train, len(data["y_train"])))
+    experiment_id = store.configure()  # fails here, before training, if the store is unusable
+    tracking.end_abandoned(experiment_id)
 
     ckpt_path = checkpoint.path_for(readout)
     fp = checkpoint.fingerprint(params, readout, meta["sha256"])

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
-from helpers import make_params
+from helpers import call_stage, clean_env, make_params, wait_for, write_params, write_prepared
+from mlflow.tracking import MlflowClient
 
-from pipeline import checkpoint
+from pipeline import checkpoint, store
 from pipeline.checkpoint import TrainState
 from pipeline.model import build_model
+from pipeline.stage import DataError
 
 
 def trained(seed: int) -> tuple[keras.Model, keras.optimizers.Optimizer]:
@@ -46,11 +51,53 @@ def test_save_then_restore_gives_back_the_state_weights_and_optimizer(tmp_path: 
 
 
 @pytest.mark.parametrize("content", [b"", b"not a zip", None])
-def test_an_absent_or_unreadable_checkpoint_reads_as_none(tmp_path: Path, content) -> None:
+def test_an_absent_or_unreadable_checkpoint_is_a_data_error(tmp_path: Path, content) -> None:
     path = tmp_path / "checkpoint.npz"
     if content is not None:
         path.write_bytes(content)
-    assert checkpoint.read_state(path) is None
+    with pytest.raises(DataError, match=r"checkpoint\.npz"):
+        checkpoint.read_state(path)
+
+
+CHECKPOINT = Path("checkpoints/state_h/checkpoint.npz")
+DAMAGED = "the checkpoint is damaged; training starts over in a new MLflow run"
+
+
+def damage(path: Path, how: str) -> None:
+    """Cut the file in half, or flip one byte of the array o6 (its CRC then fails)."""
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+        return
+    member = zipfile.ZipFile(path).getinfo("o6.npy")
+    start = (
+        member.header_offset + 30 + int.from_bytes(data[member.header_offset + 26 :][:2], "little")
+    )
+    start += int.from_bytes(data[member.header_offset + 28 :][:2], "little")  # extra field
+    data[start + member.file_size - 1] ^= 0xFF
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("how", ["truncated", "bad CRC"])
+def test_a_damaged_checkpoint_starts_over_with_one_line_and_restores_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str
+) -> None:
+    path = tmp_path / "checkpoint.npz"
+    checkpoint.save(path, *trained(seed=1), TrainState(fingerprint="a" * 64, run_id="run-1"))
+    damage(path, how)
+    fresh, fresh_optimizer = trained(seed=2)
+    before = [w.copy() for w in fresh.get_weights()]
+
+    state, stale = checkpoint.start_or_resume(path, "a" * 64, fresh, fresh_optimizer)
+    assert state == TrainState(fingerprint="a" * 64)
+    assert stale == (None if how == "truncated" else "run-1")  # the caller ends the run it knows
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {path}: ")
+    assert err[0].endswith(DAMAGED)
+    if how == "bad CRC":
+        assert "Bad CRC-32 for file 'o6.npy'" in err[0]
+    for a, b in zip(fresh.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)  # nothing restored from it, not even in part
 
 
 def test_resume_only_a_checkpoint_of_the_same_fingerprint(
@@ -79,3 +126,28 @@ def test_the_fingerprint_is_stable_and_json_of_the_state_round_trips() -> None:
     )
     state = TrainState(fingerprint="x", hits=3.5)
     assert TrainState(**dataclasses.asdict(state)) == state
+
+
+@pytest.mark.parametrize("how", ["truncated", "bad CRC"])
+def test_after_a_kill_a_damaged_checkpoint_ends_its_run_and_training_starts_over(
+    tmp_path: Path, how: str
+) -> None:
+    tiny = {"model": {"input_units": 4, "units": 4}, "readouts": ["state_h"]}
+    write_params(tmp_path, tiny | {"train": {"epochs": 4, "batch_size": 5}})
+    write_prepared(tmp_path)
+    command = [sys.executable, "-m", "pipeline.train", "--readout", "state_h"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=clean_env())
+    assert wait_for(tmp_path / CHECKPOINT, process, seconds=600)  # a busy machine takes minutes
+    process.kill()  # kill -9: the run stays RUNNING, its checkpoint stays
+    process.wait()
+    damage(tmp_path / CHECKPOINT, how)
+
+    out = call_stage("train", tmp_path, "--readout", "state_h")
+    assert out.returncode == 0, out.stderr
+    (line,) = [line for line in out.stderr.splitlines() if line.startswith("warning:")]
+    assert line.startswith(f"warning: {CHECKPOINT}: ") and line.endswith(DAMAGED)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(store.EXPERIMENT).experiment_id
+    runs = client.search_runs([experiment], order_by=["start_time ASC"])
+    old, new = (r.info.status for r in runs)
+    assert new == "FINISHED" and old == ("FAILED" if how == "truncated" else "KILLED")

@@ -128,6 +128,7 @@ def test_the_fingerprint_is_stable_and_json_of_the_state_round_trips() -> None:
     assert TrainState(**dataclasses.asdict(state)) == state
 
 
+@pytest.mark.slow  # a trainer process, killed
 @pytest.mark.parametrize("how", ["truncated", "bad CRC"])
 def test_after_a_kill_a_damaged_checkpoint_ends_its_run_and_training_starts_over(
     tmp_path: Path, how: str

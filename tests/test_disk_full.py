@@ -84,6 +84,7 @@ def test_a_step_that_needs_more_than_is_free_refuses_before_it_writes(disk: Path
 
 
 # train with 24 KB free: SQLite fills first; with 160 KB: the copy of the model into mlruns/
+@pytest.mark.slow  # trains three times
 @pytest.mark.parametrize("leave_kb", [24, 160])
 def test_every_stage_on_a_full_disk_gives_one_line_and_resumes_once_freed(
     disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, leave_kb: int

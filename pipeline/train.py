@@ -115,9 +115,22 @@ def train(readout: str) -> None:
     params.check_readout(readout)
     data = load_npz(PREPARED / "sequences.npz", ("x_train", "y_train", "x_val", "y_val"))
     meta = read_json(PREPARED / "meta.json")
-    _, steps, features = data["x_train"].shape
     experiment_id = store.configure()  # fails here, before training, if the store is unusable
+    # One trainer per readout and checkpoint folder: a second one (say after `kill -9` of `dvc`
+    # alone, whose trainer trains on as an orphan) would resume into the same MLflow run.
+    with checkpoint.only_trainer(readout):
+        train_locked(readout, params, data, meta, experiment_id)
 
+
+def train_locked(
+    readout: str,
+    params: P.Params,
+    data: dict[str, np.ndarray],
+    meta: dict,
+    experiment_id: str,
+) -> None:
+    """train() once it holds the readout's lock: resume or start, fit, write the outputs."""
+    _, steps, features = data["x_train"].shape
     keras.config.disable_interactive_logging()  # no progress bars from predict() calls
     keras.utils.set_random_seed(params.seed)
     tf.config.experimental.enable_op_determinism()

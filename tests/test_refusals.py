@@ -23,6 +23,7 @@ import psutil
 import pytest
 from helpers import (
     GIT,
+    ROOT,
     clean_env,
     copy_project,
     dvc,
@@ -34,6 +35,7 @@ from helpers import (
     working_in,
 )
 from mlflow.tracking import MlflowClient
+from ruamel.yaml import YAML
 
 from pipeline import checkpoint
 from pipeline.stage import ConfigError
@@ -45,6 +47,16 @@ TINY = {
     "readouts": ["state_h"],
 }
 UP_TO_DATE = "Data and pipelines are up to date.\n"
+
+
+def test_dvc_deletes_no_output_before_its_stage_runs() -> None:
+    """DVC deletes an out before running its stage unless it persists; a refusal would lose it."""
+    stages = YAML(typ="safe").load(ROOT / "dvc.yaml")["stages"]
+    for name, stage in stages.items():
+        for kind in ("outs", "metrics", "plots"):
+            for out in stage.get(kind, []):
+                path, props = next(iter(out.items())) if isinstance(out, dict) else (out, {})
+                assert props.get("persist") is True, f"{name}: {path}: add persist: true"
 
 
 @pytest.fixture(scope="module")

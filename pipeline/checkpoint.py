@@ -137,8 +137,9 @@ def only_trainer(readout: str) -> Iterator[None]:
     """Refuse, in one line naming its pid, while another process trains `readout` here.
 
     An OS lock (flock) on checkpoints/<readout>.lock: the kernel releases it when its process ends,
-    even by kill -9, so it is never stale. The file names the holder. It stays when training ends:
-    deleting a lock file that another process may have open could let two processes hold a lock.
+    even by kill -9, so it is never stale. The holder writes its pid into the file it locks (plain
+    fcntl: filelock owns its file). The file stays when training ends: deleting a lock file that
+    another process may have open could let two processes hold the lock.
     """
     path = CHECKPOINTS / f"{readout}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)

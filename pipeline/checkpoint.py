@@ -3,15 +3,17 @@
 One file per readout, checkpoints/<readout>/checkpoint.npz, replaced atomically (temp + rename):
 the model weights, the optimizer's variables, and the TrainState as JSON (no pickle: it is stored
 as a unicode string array). Also here: SIGINT/SIGTERM turned into a stop request that training
-honours at the next batch boundary.
+honours at the next batch boundary, and the lock that lets only one process train a readout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -22,7 +24,7 @@ import numpy as np
 
 from pipeline import params as P
 from pipeline.io import load_npz, save_npz
-from pipeline.stage import CHECKPOINTS, DataError
+from pipeline.stage import CHECKPOINTS, ConfigError, DataError
 
 if TYPE_CHECKING:
     import keras
@@ -145,3 +147,30 @@ def stop_on_signals() -> Iterator[Callable[[], bool]]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def only_trainer(readout: str) -> Iterator[None]:
+    """Refuse, in one line naming its pid, while another process trains `readout` here.
+
+    An OS lock (flock) on checkpoints/<readout>.lock: the kernel releases it when its process ends,
+    even by kill -9, so it is never stale. The holder writes its pid into the file it locks (plain
+    fcntl: filelock owns its file). The file stays when training ends: deleting a lock file that
+    another process may have open could let two processes hold the lock.
+    """
+    path = CHECKPOINTS / f"{readout}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as file:  # a+: never truncates what the holder wrote
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            pid = file.read().strip() or "?"
+            raise ConfigError(
+                f"train {readout} is already running here as pid {pid} (it holds {path}): wait "
+                f"for it to end, or stop it (kill {pid}; `dvc repro` then resumes its run)"
+            ) from None
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        yield

@@ -143,8 +143,24 @@ def train(readout: str) -> None:
     optimizer.build(model.trainable_variables)  # its variables exist from the start: checkpointable
     need_space("train", space_needed(model, optimizer, params.train, len(data["y_train"])))
     experiment_id = store.configure()  # fails here, before training, if the store is unusable
-    tracking.end_abandoned(experiment_id)
+    # One trainer per readout and checkpoint folder: a second one (say after `kill -9` of `dvc`
+    # alone, whose trainer trains on as an orphan) would resume into the same MLflow run.
+    with checkpoint.only_trainer(readout):
+        tracking.end_abandoned(experiment_id)
+        train_locked(readout, params, data, meta, model, optimizer, experiment_id)
 
+
+def train_locked(
+    readout: str,
+    params: P.Params,
+    data: dict[str, np.ndarray],
+    meta: dict,
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    experiment_id: str,
+) -> None:
+    """train() once it holds the readout's lock: resume or start, fit, write the outputs."""
+    m = params.model
     ckpt_path = checkpoint.path_for(readout)
     fp = checkpoint.fingerprint(params, readout, meta["sha256"])
     state, stale_run = checkpoint.start_or_resume(ckpt_path, fp, model, optimizer)

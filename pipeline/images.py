@@ -88,21 +88,26 @@ def _read_bytes(path: Path) -> bytes:
             raise DataError(f"{path}: is a directory, not a file")
         if not stat.S_ISREG(mode):
             raise DataError(f"{path}: not a regular file (a pipe, socket or device); not read")
+        size = os.fstat(fd).st_size
+        if size > MAX_BYTES:
+            raise DataError(f"{path}: {_size(size)}, larger than the limit of {_size(MAX_BYTES)}")
         with open(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_BYTES + 1)
+            data = f.read(size + 1)  # read(n) allocates n bytes at once: not MAX_BYTES
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     finally:
         os.close(fd)
-    if len(data) > MAX_BYTES:
-        raise DataError(f"{path}: larger than the limit of {_size(MAX_BYTES)}; not read")
+    if len(data) > MAX_BYTES:  # grown since
+        raise DataError(f"{path}: larger than the limit of {_size(MAX_BYTES)}")
     if not data:
         raise DataError(f"{path}: empty file")
     return data
 
 
 def _size(n: int) -> str:
-    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n:,} bytes"
+    if n < 2**20:
+        return f"{n:,} bytes"
+    return f"{n // 2**20:,} MiB" if n % 2**20 == 0 else f"{n / 2**20:,.1f} MiB"
 
 
 # ---- arrays: .npy, .npz, IDX --------------------------------------------------------------------
@@ -283,8 +288,8 @@ def picture(data: bytes, name: str, dataset: str, accepted: str = "PNG, JPEG") -
         raise
     except UnidentifiedImageError:
         raise DataError(f"{name}: not a format we read; accepted: {accepted}") from None
-    except Image.DecompressionBombError as exc:  # Pillow's own limit, far above MAX_PIXELS
-        raise DataError(f"{name}: {too_large} ({exc})") from None
+    except Image.DecompressionBombError:  # Pillow's own limit, far above MAX_PIXELS
+        raise DataError(f"{name}: image is {too_large}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DataError(f"{name}: corrupt or truncated image ({exc})") from None
     if min(size) < MIN_SIZE:

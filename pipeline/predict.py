@@ -17,6 +17,7 @@ import json
 import sys
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +92,18 @@ def from_network(folder: Path):  # -> mlflow.pyfunc.PyFuncModel
         )
     params = P.load(root / P.PARAMS_FILE)
     index = sequence_index(read_json(meta_file)["order"], params.seed)
-    store.quiet()
     network = folder / "model.keras"
+    try:  # Keras would blame the copy MLflow loads, in a temp folder
+        with zipfile.ZipFile(network) as archive:
+            damaged = archive.testzip()  # the first member whose CRC fails, if any
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        damaged = str(exc)
+    if damaged:
+        raise ConfigError(
+            f"--model {folder}: {network} is damaged ({damaged}): restore it with `dvc pull` "
+            "or `dvc repro`"
+        )
+    store.quiet()
     with tempfile.TemporaryDirectory() as tmp:
         # catch_warnings: MLflow's "no input example" is noise for a model made for this call
         with (

@@ -10,17 +10,15 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import struct
 import tracemalloc
 import warnings
 import zipfile
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from datafiles import Canary, idx_bytes, write_idx, write_npz
+from datafiles import Canary, idx_bytes, npy_header, png_declaring, write_idx, write_npz
 from helpers import deadline
 from PIL import Image, ImageDraw
 
@@ -422,14 +420,6 @@ def test_only_regular_files_are_read(tmp_path: Path) -> None:
             assert "not a regular file (a pipe, socket or device)" in _message(tmp_path / name)
 
 
-def _npy_header(shape: tuple[int, ...]) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buf, {"descr": "|u1", "fortran_order": False, "shape": shape}
-    )
-    return buf.getvalue()
-
-
 def _gzip_bomb(path: Path, header: bytes, zeros: int) -> Path:
     """`header`, then `zeros` zero bytes, gzipped: 100 MB of zeros take 0.5 MB."""
     chunk = bytes(2**20)
@@ -455,7 +445,7 @@ def _refused_within_limits(path: Path, expected: str) -> None:
 def test_an_array_header_declaring_a_billion_images_is_refused_before_allocation(
     tmp_path: Path,
 ) -> None:
-    header = _npy_header((10**9, 28, 28))
+    header = npy_header((10**9, 28, 28))
     npy = write(tmp_path / "huge.npy", header + bytes(784))
     _refused_within_limits(npy, "header declares shape (1000000000, 28, 28) of uint8")
     npz = tmp_path / "huge.npz"
@@ -471,7 +461,7 @@ def test_a_npz_bomb_is_refused_before_it_is_decompressed(tmp_path: Path) -> None
         zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive,
         archive.open("x.npy", "w", force_zip64=True) as f,
     ):
-        f.write(_npy_header((n, 28, 28)))
+        f.write(npy_header((n, 28, 28)))
         chunk = bytes(784 * 1000)
         for _ in range(n // 1000):
             f.write(chunk)
@@ -497,23 +487,11 @@ def test_a_gzip_bomb_is_refused_by_its_idx_header_or_decompressed_no_further(
     _refused_within_limits(lying, "header says (1, 28, 28) = 784 bytes, has 785")
 
 
-def _png_declaring(width: int, height: int) -> bytes:
-    """A PNG's signature, header and end, without pixels: all Pillow reads before decoding."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize("side", [13_000, 20_000])  # Pillow itself: a warning, an error
 def test_a_png_declaring_huge_dimensions_is_refused_before_decoding(
     tmp_path: Path, side: int
 ) -> None:
-    path = write(tmp_path / "huge.png", _png_declaring(side, side))
+    path = write(tmp_path / "huge.png", png_declaring(side, side))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _refused_within_limits(path, "more than the limit of 25 megapixels; scale it down")

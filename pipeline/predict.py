@@ -5,9 +5,10 @@ params.yaml says otherwise), found in the project's store from any folder inside
 --model takes any MLflow model URI (models:/rnn-mnist/3, models:/m-...), a local MLflow model
 folder, or a trained readout folder of the pipeline (models/state_h, as `dvc pull` brings it).
 Reads PNG and JPEG of any size and colour, converted the way the model's dataset was made, and
-.npy/.npz arrays and IDX files of 28x28 images (pipeline/images.py). Prints one line per image:
-file, class (and its name for Fashion-MNIST), probability. A file it cannot read gets one
-`error:` line; the other files are still classified, and the exit code is then 2.
+.npy/.npz arrays and IDX files of 28x28 images (pipeline/images.py, with its size limits). Prints
+one line per image: file, class (and its name for Fashion-MNIST), probability. A file it cannot
+read gets one `error:` line; the other files are still classified, and the exit code is then 2.
+A model's code runs when it loads: its MLmodel file is checked first (check_image_model).
 """
 
 from __future__ import annotations

@@ -83,12 +83,12 @@ def _read_bytes(path: Path) -> bytes:
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
+        info = os.fstat(fd)  # of what was opened: a link is followed once, with no race
+        if stat.S_ISDIR(info.st_mode):
             raise DataError(f"{path}: is a directory, not a file")
-        if not stat.S_ISREG(mode):
+        if not stat.S_ISREG(info.st_mode):
             raise DataError(f"{path}: not a regular file (a pipe, socket or device); not read")
-        size = os.fstat(fd).st_size
+        size = info.st_size
         if size > MAX_BYTES:
             raise DataError(f"{path}: {_size(size)}, larger than the limit of {_size(MAX_BYTES)}")
         with open(fd, "rb", closefd=False) as f:

@@ -8,20 +8,29 @@ a photo or scan is normalised by the dataset's own recipe:
   the result centred in 28x28.
 Both store ink bright on dark, so a light background is inverted first. Arrays (.npy, .npz) and
 IDX files are taken as already in the dataset's form and only checked. Nothing is ever unpickled.
+
+A file may be hostile, so only regular files are read, and sizes are checked before anything is
+allocated: MAX_BYTES for the file, an array's declared shape and what a .npz member or gzip stream
+decompresses to; MAX_PIXELS for a picture's declared width x height.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import math
+import os
+import stat
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.io import parse_idx
+from pipeline.io import idx_dims, parse_idx
 from pipeline.stage import DataError
 
 DATASETS = ("mnist", "fashion_mnist")
@@ -33,6 +42,12 @@ MIN_CONTRAST = 24  # grey levels from background to the brightest ink; below tha
 DIGIT_INK = 0.1  # MNIST: share of full ink a pixel needs to count towards the digit's box
 PRODUCT_TRIM = 0.05  # Fashion-MNIST: trims what lies within 5% of full intensity of the background
 ACCEPTED = "PNG, JPEG, .npy, .npz, IDX images (gzipped or not)"
+# The whole MNIST dataset is 55 MB as uint8 and 220 MB as float32: it fits, a decompression bomb
+# or a header declaring (10**9, 28, 28) does not.
+MAX_BYTES = 256 * 2**20  # a file, an array, or what a .npz or gzip file decompresses to
+# A picture costs ~20 bytes a pixel while converted: a 6000x4000 photo (24 MP) ~0.5 GB and ~1 s.
+# Pillow itself would only warn from 89 MP on and refuse from 179 MP on.
+MAX_PIXELS = 25_000_000
 
 GZIP_MAGIC = b"\x1f\x8b"
 NPY_MAGIC = b"\x93NUMPY"
@@ -48,10 +63,7 @@ def read_images(path: Path, dataset: str) -> list[tuple[str, np.ndarray]]:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     data = _read_bytes(path)
     if data.startswith(GZIP_MAGIC):
-        data = _gunzip(data, path)
-        if not data.startswith(b"\x00\x00"):
-            raise DataError(f"{path}: a gzip file, but not of IDX images; accepted: {ACCEPTED}")
-        return _idx_images(data, path)
+        return _idx_images(_gunzip(data, path), path)
     if data.startswith(b"\x00\x00"):  # IDX of any type: _idx_images names what it holds
         return _idx_images(data, path)
     if data.startswith(NPY_MAGIC):
@@ -62,25 +74,61 @@ def read_images(path: Path, dataset: str) -> list[tuple[str, np.ndarray]]:
 
 
 def _read_bytes(path: Path) -> bytes:
+    """A regular file's bytes. Opened without blocking and checked before it is read: a FIFO
+    would wait for a writer forever, a device such as /dev/zero never ends."""
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise DataError(f"{path}: not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, not a file") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        info = os.fstat(fd)  # of what was opened: a link is followed once, with no race
+        if stat.S_ISDIR(info.st_mode):
+            raise DataError(f"{path}: is a directory, not a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError(f"{path}: not a regular file (a pipe, socket or device); not read")
+        size = info.st_size
+        if size > MAX_BYTES:
+            raise DataError(f"{path}: {_size(size)}, larger than the limit of {_size(MAX_BYTES)}")
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(size + 1)  # read(n) allocates n bytes at once: not MAX_BYTES
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_BYTES:  # grown since
+        raise DataError(f"{path}: larger than the limit of {_size(MAX_BYTES)}")
     if not data:
         raise DataError(f"{path}: empty file")
     return data
+
+
+def _size(n: int) -> str:
+    if n < 2**20:
+        return f"{n:,} bytes"
+    return f"{n // 2**20:,} MiB" if n % 2**20 == 0 else f"{n / 2**20:,.1f} MiB"
 
 
 # ---- arrays: .npy, .npz, IDX --------------------------------------------------------------------
 
 
 def _gunzip(data: bytes, path: Path) -> bytes:
+    """A gzipped IDX file's bytes, decompressed only as far as its header declares and
+    MAX_BYTES allows: a few MB of gzip can hold GBs."""
     try:
-        return gzip.decompress(data)
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+            head = f.read(16)  # the magic and up to three dims
+            if not head.startswith(b"\x00\x00"):
+                raise DataError(f"{path}: a gzip file, but not of IDX images; accepted: {ACCEPTED}")
+            dims = idx_dims(head, str(path))
+            size = 4 + 4 * len(dims) + math.prod(dims)
+            if size > MAX_BYTES:
+                raise DataError(
+                    f"{path}: IDX dims {dims} declare {_size(size)}, more than the limit of "
+                    f"{_size(MAX_BYTES)}"
+                )
+            return head + f.read(size + 1 - len(head))  # one byte more shows a longer body
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: not a readable gzip file ({exc})") from None
 
@@ -98,34 +146,47 @@ def _idx_images(data: bytes, path: Path) -> list[tuple[str, np.ndarray]]:
 
 
 def _npy_images(data: bytes, path: Path) -> list[tuple[str, np.ndarray]]:
-    try:
-        a = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:  # pickled objects, truncated or corrupt
-        raise DataError(f"{path}: not a .npy array we can read without pickle ({exc})") from None
-    images = _array_images(a, str(path))
+    f = io.BytesIO(data)
+    shape, dtype, fortran = _npy_header(f, str(path))
+    images = _array_images(_npy_body(f, len(data), shape, dtype, fortran, str(path)), str(path))
     if images is None:
         raise DataError(
-            f"{path}: expected an array of shape (28, 28) or (N, 28, 28), got {a.shape} {a.dtype}"
+            f"{path}: expected an array of shape (28, 28) or (N, 28, 28), got {shape} {dtype}"
         )
     return images
 
 
 def _npz_images(data: bytes, path: Path) -> list[tuple[str, np.ndarray]]:
-    """Every image-shaped array in the archive; others (labels, say) are skipped."""
+    """Every image-shaped array in the archive; others (labels, say) are skipped unread.
+
+    Read with zipfile, not np.load: a member's declared size bounds what it decompresses to
+    (zipfile stops there), and its .npy header is checked before its array is allocated.
+    """
     images: list[tuple[str, np.ndarray]] = []
     found: list[str] = []
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            for key in npz.files:
-                a = npz[key]
-                if not isinstance(a, np.ndarray):  # a zip member that is not .npy
-                    continue
-                found.append(f"{key} {a.shape}")
+        with zipfile.ZipFile(io.BytesIO(data)) as npz:
+            members = [m for m in npz.infolist() if m.filename.endswith(".npy")]
+            total = sum(m.file_size for m in members)
+            if total > MAX_BYTES:
+                raise DataError(
+                    f"{path}: its arrays decompress to {_size(total)}, more than the limit of "
+                    f"{_size(MAX_BYTES)}"
+                )
+            for member in members:
+                key, label = member.filename.removesuffix(".npy"), f"{path}:{member.filename}"
+                with npz.open(member) as f:
+                    shape, dtype, fortran = _npy_header(f, label)
+                    found.append(f"{key} {shape}")
+                    if not _image_shaped(shape):
+                        continue
+                    a = _npy_body(f, member.file_size, shape, dtype, fortran, label)
                 images += _array_images(a, f"{path}:{key}") or []
     except DataError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        raise DataError(f"{path}: not a .npz we can read without pickle ({exc})") from None
+    except (ValueError, OSError, EOFError, RuntimeError, zipfile.BadZipFile, zlib.error) as exc:
+        # RuntimeError: an encrypted member; NotImplementedError: an unknown compression
+        raise DataError(f"{path}: not a .npz we can read ({exc})") from None
     if not images:
         raise DataError(
             f"{path}: no array of shape (28, 28) or (N, 28, 28) with N > 0; "
@@ -134,11 +195,52 @@ def _npz_images(data: bytes, path: Path) -> list[tuple[str, np.ndarray]]:
     return images
 
 
+def _npy_header(f: BinaryIO, name: str) -> tuple[tuple[int, ...], np.dtype, bool]:
+    """(shape, dtype, fortran order) from a .npy header; refuses pickled objects."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"format version {version} is not one numpy writes for images")
+    except (ValueError, EOFError, OSError) as exc:
+        raise DataError(f"{name}: not a .npy array we can read ({exc})") from None
+    if dtype.hasobject:
+        raise DataError(f"{name}: holds Python objects, which only pickle reads; refused")
+    return shape, dtype, fortran
+
+
+def _npy_body(
+    f: BinaryIO, size: int, shape: tuple[int, ...], dtype: np.dtype, fortran: bool, name: str
+) -> np.ndarray:
+    """The array after a .npy header, read only if the header's shape matches the bytes there."""
+    declared, there = math.prod(shape) * dtype.itemsize, size - f.tell()
+    if declared != there:
+        raise DataError(
+            f"{name}: header declares shape {shape} of {dtype} = {_size(declared)}, "
+            f"but {_size(there)} follow it"
+        )
+    body = f.read(declared)
+    if len(body) != declared:
+        raise DataError(f"{name}: truncated array ({len(body)} of {declared} bytes)")
+    try:
+        return np.frombuffer(body, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    except ValueError as exc:  # a dtype of no size, say
+        raise DataError(f"{name}: not a .npy array we can read ({exc})") from None
+
+
+def _image_shaped(shape: tuple[int, ...]) -> bool:
+    return shape == (SIDE, SIDE) or (len(shape) == 3 and shape[1:] == (SIDE, SIDE) and shape[0] > 0)
+
+
 def _array_images(a: np.ndarray, label: str) -> list[tuple[str, np.ndarray]] | None:
     """(label, image) for a [28, 28] or non-empty [N, 28, 28] array; None for any other shape."""
     if a.shape == (SIDE, SIDE):
         return [(label, _pixels(a, label))]
-    if a.ndim == 3 and a.shape[1:] == (SIDE, SIDE) and len(a):
+    if _image_shaped(a.shape):
         x = _pixels(a, label)
         return [(f"{label}[{i}]", x[i]) for i in range(len(x))]
     return None
@@ -171,15 +273,23 @@ def picture(data: bytes, name: str, dataset: str, accepted: str = "PNG, JPEG") -
     """
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    too_large = f"more than the limit of {MAX_PIXELS / 1e6:g} megapixels; scale it down first"
     try:
-        with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as im:
-            im.load()
+        with warnings.catch_warnings():  # Pillow's DecompressionBombWarning: MAX_PIXELS decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=("PNG", "JPEG"))
+        with im:
             size = im.size
+            if size[0] * size[1] > MAX_PIXELS:  # declared in the header: checked before decoding
+                raise DataError(f"{name}: image is {size[0]}x{size[1]} px, {too_large}")
+            im.load()
             grey = _grey(ImageOps.exif_transpose(im))  # phones store photos turned, with a tag
+    except DataError:
+        raise
     except UnidentifiedImageError:
         raise DataError(f"{name}: not a format we read; accepted: {accepted}") from None
-    except Image.DecompressionBombError as exc:
-        raise DataError(f"{name}: image too large to read safely ({exc})") from None
+    except Image.DecompressionBombError:  # Pillow's own limit, far above MAX_PIXELS
+        raise DataError(f"{name}: image is {too_large}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DataError(f"{name}: corrupt or truncated image ({exc})") from None
     if min(size) < MIN_SIZE:

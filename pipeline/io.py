@@ -6,6 +6,7 @@ import contextlib
 import csv
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -91,8 +92,8 @@ def load_npz(path: Path | str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from None
 
 
-def parse_idx(data: bytes, name: str) -> np.ndarray:
-    """The array in an IDX file's bytes (MNIST's format): unsigned bytes, labels or images.
+def idx_dims(data: bytes, name: str) -> tuple[int, ...]:
+    """The dims an IDX file's header declares (MNIST's format: unsigned bytes, labels or images).
 
     Magic: two zero bytes, type 0x08 (unsigned byte), number of dims (1 labels, 3 images); then
     each dim as a big-endian uint32, then the values. Errors name `name` and what is wrong.
@@ -109,10 +110,15 @@ def parse_idx(data: bytes, name: str) -> np.ndarray:
         )
     if len(data) < 4 + 4 * ndim:
         raise DataError(f"{name}: IDX header cut short ({len(data)} bytes)")
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    body = data[4 + 4 * ndim :]
-    if len(body) != int(np.prod(dims)):
-        raise DataError(f"{name}: header says {dims} = {int(np.prod(dims))} bytes, has {len(body)}")
+    return tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+
+
+def parse_idx(data: bytes, name: str) -> np.ndarray:
+    """The array in an IDX file's bytes, checked against the dims its header declares."""
+    dims = idx_dims(data, name)
+    body = data[4 + 4 * len(dims) :]
+    if len(body) != math.prod(dims):  # Python's ints: dims of 2**32 each overflow no int64
+        raise DataError(f"{name}: header says {dims} = {math.prod(dims)} bytes, has {len(body)}")
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 

@@ -12,6 +12,7 @@ Check the file alone, naming every problem at once: python -m pipeline.params
 from __future__ import annotations
 
 import difflib
+import re
 import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,12 @@ from ruamel.yaml.error import YAMLError
 from pipeline.stage import ParamsError, run_stage
 
 PARAMS_FILE = Path("params.yaml")
+# params.yaml holds ~2 KB and ~30 values, 3 levels deep. The limits stop a hostile file in well
+# under a second: a YAML alias bomb (aliases nest copies: a 1 KB file can mean 10**9 values) or
+# nesting so deep that the parser runs out of stack.
+MAX_FILE_BYTES = 64 * 1024
+MAX_VALUES = 1000  # counted with every alias expanded
+MAX_DEPTH = 10
 
 Dataset = Literal["mnist", "fashion_mnist"]
 Source = Literal["auto", "download", "path", "bundled"]
@@ -184,6 +191,7 @@ def parse(raw: Any, source: str = "params.yaml") -> Params:
         raw = {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    check_size(raw, source)
     problems = []
     try:
         params = Params.model_validate(raw)
@@ -200,17 +208,58 @@ def parse(raw: Any, source: str = "params.yaml") -> Params:
     return params
 
 
+def check_size(raw: Any, source: str) -> None:
+    """Refuse a tree of more than MAX_VALUES values or MAX_DEPTH levels, walking no further:
+    validating or printing an alias bomb would take minutes and gigabytes."""
+    stack, count = [(raw, 0)], 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ParamsError(
+                f"{source}: more than {MAX_VALUES} values (with YAML aliases expanded); "
+                "a params file holds a few dozen"
+            )
+        if depth > MAX_DEPTH:
+            raise ParamsError(f"{source}: nested deeper than {MAX_DEPTH} levels")
+        if isinstance(node, dict):
+            stack += [(child, depth + 1) for item in node.items() for child in item]
+        elif isinstance(node, list | tuple):
+            stack += [(child, depth + 1) for child in node]
+
+
+def flow_depth(text: str) -> int:
+    """How deep [ and { nest, counted anywhere, even in quotes and comments (no params file
+    nests them ten deep there either)."""
+    depth = deepest = 0
+    for char in re.sub(r"[^][{}]", "", text):
+        depth = depth + 1 if char in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def load(path: Path = PARAMS_FILE) -> Params:
     """Read and validate params.yaml; raise ParamsError with one clear message."""
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found (run from the repository root)") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ParamsError(f"{path}: larger than {MAX_FILE_BYTES // 1024} KiB; not a params file")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 text ({exc})") from None
+    if flow_depth(text) > MAX_DEPTH:  # the parser takes seconds on [[[[...]]]] a few KB deep
+        raise ParamsError(f"{path}: brackets nested deeper than {MAX_DEPTH} levels")
     try:
         raw = YAML(typ="safe").load(text)  # exactly how DVC reads params.yaml
     except YAMLError as exc:
         where = misindented(text) or ""
         raise ParamsError(f"{path}: not valid YAML: {where}{' '.join(str(exc).split())}") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise ParamsError(f"{path}: nested deeper than {MAX_DEPTH} levels") from None
     return parse(raw, str(path))
 
 

@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME"))
     parser.add_argument("--out", type=Path, default=EXPERIMENTS)
     args = parser.parse_args(argv)
-    client = MlflowClient(store.tracking_uri())
+    uri = store.tracking_uri()
+    store.existing_store(uri)  # a damaged store gets one line, a missing one is not created
+    client = MlflowClient(uri)
     runs = find_runs(client, args.experiment or store.EXPERIMENT, args.runs, args.exp)
     with atomic_path(args.out, directory=True) as tmp:
         best_val = plot_curves(client, runs, tmp / "curves.png")

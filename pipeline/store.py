@@ -154,6 +154,22 @@ def check_server(uri: str, name: str = "MLFLOW_TRACKING_URI") -> None:
         ) from None
 
 
+def existing_store(uri: str, hint: str = "") -> None:
+    """For commands that only read the store (predict, report): refuse in one line an embedded
+    store that is missing or empty (MLflow would create its tables there) or that check_store
+    refuses. `hint` adds what else the user can do."""
+    if not uri.startswith("sqlite:"):
+        return
+    path = Path(make_url(uri).database or "mlflow.db")
+    if not path.is_file() or path.stat().st_size == 0:
+        what = "an empty file" if path.is_file() else "none"
+        raise ConfigError(
+            f"no MLflow store at {path} ({what}): run `dvc repro` in the project first, "
+            f"or set MLFLOW_TRACKING_URI{hint}"
+        )
+    check_store(path)
+
+
 def check_store(path: Path) -> None:
     """Refuse, in one line, an SQLite store that MLflow cannot use as it is, leaving it untouched.
 

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -93,3 +94,24 @@ class Canary:
 
     def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         return (Path.touch, (self.path,))
+
+
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    """A .npy header of uint8 declaring `shape`, to be followed by as many bytes as a test likes."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": "|u1", "fortran_order": False, "shape": shape}
+    )
+    return buf.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG's signature, header and end, without pixels: all Pillow reads before decoding."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")

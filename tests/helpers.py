@@ -353,6 +353,23 @@ def as_user(env: dict[str, str] | None = None) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Fail the test, instead of hanging the suite, if the block runs longer: SIGALRM interrupts
+    even a blocking open() or read(), and pytest's failure is no OSError a reader could catch."""
+
+    def expire(signum: int, frame: object) -> None:
+        pytest.fail(f"still running after {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def one_error(out: subprocess.CompletedProcess[str]) -> str:
     """The one `error:` line of a command that failed (a stage, or `dvc repro` running one)."""
     lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
+import tracemalloc
+import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from datafiles import Canary, idx_bytes, write_idx, write_npz
+from datafiles import Canary, idx_bytes, npy_header, png_declaring, write_idx, write_npz
+from helpers import deadline
 from PIL import Image, ImageDraw
 
 from pipeline import datasets
-from pipeline.images import read_images
+from pipeline.images import MAX_BYTES, MAX_PIXELS, read_images
 from pipeline.stage import DataError
 
 N_DIGITS = 50
@@ -401,3 +406,94 @@ def test_pickled_arrays_are_refused_never_unpickled(tmp_path: Path) -> None:
 def test_unknown_dataset_is_a_programming_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="dataset must be one of"):
         read_images(tmp_path / "x.png", "cifar10")
+
+
+# ---- 5. hostile files: refused before they cost time or memory ----------------------------------
+
+
+def test_only_regular_files_are_read(tmp_path: Path) -> None:
+    """A FIFO would wait for a writer forever, /dev/zero never ends: neither is opened for reading."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    with deadline(10):
+        for name in ("fifo", "zero"):
+            assert "not a regular file (a pipe, socket or device)" in _message(tmp_path / name)
+
+
+def _gzip_bomb(path: Path, header: bytes, zeros: int) -> Path:
+    """`header`, then `zeros` zero bytes, gzipped: 100 MB of zeros take 0.5 MB."""
+    chunk = bytes(2**20)
+    with gzip.GzipFile(path, "wb", compresslevel=1) as f:
+        f.write(header)
+        for start in range(0, zeros, len(chunk)):
+            f.write(chunk[: min(len(chunk), zeros - start)])
+    return path
+
+
+def _refused_within_limits(path: Path, expected: str) -> None:
+    """Refused with `expected`, quickly, never holding more than a few MB."""
+    tracemalloc.start()
+    try:
+        with deadline(10):
+            assert expected in _message(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB allocated to refuse {path.name}"
+
+
+def test_an_array_header_declaring_a_billion_images_is_refused_before_allocation(
+    tmp_path: Path,
+) -> None:
+    header = npy_header((10**9, 28, 28))
+    npy = write(tmp_path / "huge.npy", header + bytes(784))
+    _refused_within_limits(npy, "header declares shape (1000000000, 28, 28) of uint8")
+    npz = tmp_path / "huge.npz"
+    with zipfile.ZipFile(npz, "w") as archive:
+        archive.writestr("x.npy", header + bytes(784))
+    _refused_within_limits(npz, "huge.npz:x.npy: header declares shape (1000000000, 28, 28)")
+
+
+def test_a_npz_bomb_is_refused_before_it_is_decompressed(tmp_path: Path) -> None:
+    n = (MAX_BYTES // 784 // 1000 + 1) * 1000  # images of zeros, just over the limit
+    path = tmp_path / "bomb.npz"
+    with (
+        zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive,
+        archive.open("x.npy", "w", force_zip64=True) as f,
+    ):
+        f.write(npy_header((n, 28, 28)))
+        chunk = bytes(784 * 1000)
+        for _ in range(n // 1000):
+            f.write(chunk)
+    assert path.stat().st_size < 2 * 2**20
+    _refused_within_limits(
+        path, "its arrays decompress to 256.5 MiB, more than the limit of 256 MiB"
+    )
+
+
+def test_a_gzip_bomb_is_refused_by_its_idx_header_or_decompressed_no_further(
+    tmp_path: Path,
+) -> None:
+    n = MAX_BYTES // 784 + 1000
+    honest = _gzip_bomb(tmp_path / "bomb.gz", idx_bytes(np.zeros((n, 28, 28), np.uint8))[:16], 0)
+    _refused_within_limits(
+        honest, f"IDX dims ({n}, 28, 28) declare 256.7 MiB, more than the limit of 256 MiB"
+    )
+    # a header that declares one image, followed by 100 MB: read one byte past the image
+    lying = _gzip_bomb(
+        tmp_path / "lying.gz", idx_bytes(np.zeros((1, 28, 28), np.uint8)), 100 * 2**20
+    )
+    assert lying.stat().st_size < 2**20
+    _refused_within_limits(lying, "header says (1, 28, 28) = 784 bytes, has 785")
+
+
+@pytest.mark.parametrize("side", [13_000, 20_000])  # Pillow itself: a warning, an error
+def test_a_png_declaring_huge_dimensions_is_refused_before_decoding(
+    tmp_path: Path, side: int
+) -> None:
+    path = write(tmp_path / "huge.png", png_declaring(side, side))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _refused_within_limits(path, "more than the limit of 25 megapixels; scale it down")
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert MAX_PIXELS == 25_000_000  # as README and docs/serving.md say

@@ -1,11 +1,12 @@
 """params.yaml validation: the committed file is valid, bad values are refused with the key named."""
 
 import re
+import time
 from pathlib import Path
 
 import pytest
 from dvc.utils.serialize import parse_yaml
-from helpers import call_stage, committed_params, params_dict
+from helpers import call_stage, committed_params, deadline, one_error, params_dict
 
 from pipeline import params as P
 from pipeline.stage import ParamsError
@@ -170,3 +171,37 @@ def test_an_empty_file_names_every_missing_section(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("")
     with pytest.raises(ParamsError, match=r"seed: missing.*; data: missing.*; readouts: missing"):
         P.load(tmp_path / "params.yaml")
+
+
+def _alias_bomb(levels: int, width: int) -> str:
+    """seed: `width`**`levels` values from a few hundred bytes, each level `width` aliases of the
+    one below it (the "billion laughs")."""
+    lines = ["laughs:", f"  l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n" + committed_params().replace("seed: 42", f"seed: *l{levels - 1}")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (_alias_bomb(9, 9), "more than 1000 values (with YAML aliases expanded)"),  # 9**9, shallow
+        (_alias_bomb(30, 2), "nested deeper than 10 levels"),  # 2**30, deep
+        (
+            committed_params().replace("seed: 42", "seed: " + "[" * 20_000 + "]" * 20_000),
+            "brackets nested deeper than 10 levels",
+        ),
+        ("seed: " + "{a: " * 10_000 + "1" + "}" * 10_000, "brackets nested deeper than 10 levels"),
+        ("# padding\n" * 7000, "larger than 64 KiB"),
+    ],
+    ids=["alias bomb", "deep alias bomb", "20,000 brackets deep", "10,000 braces deep", "70 KB"],
+)
+def test_hostile_files_end_in_one_line_within_a_second(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    (tmp_path / "params.yaml").write_text(text)
+    started = time.process_time()
+    with deadline(20):  # before: minutes and gigabytes, or a 2,986-line RecursionError
+        out = call_stage("params", tmp_path)
+    seconds = time.process_time() - started
+    assert one_error(out).startswith(f"error: params.yaml: {expected}")
+    assert seconds < 1.0, f"{seconds:.2f} s of CPU"

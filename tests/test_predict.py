@@ -4,13 +4,24 @@ file it cannot read, exit code 2 then, JSON lines, and never an MLflow store whe
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-from helpers import call_stage, log_small_image_model, working_in, write_params
+from datafiles import npy_header, png_declaring
+from helpers import (
+    call_stage,
+    deadline,
+    log_small_image_model,
+    one_error,
+    working_in,
+    write_params,
+)
 from PIL import Image
 
 from pipeline import predict
@@ -93,3 +104,75 @@ def test_a_readout_folder_without_its_project_data_says_what_to_pull(
     )
     with pytest.raises(ConfigError, match=r"meta.json for the pixel order: run `dvc pull`"):
         predict.from_network(network)
+
+
+def test_hostile_files_get_one_line_each_and_the_others_their_answers(
+    model_folder: Path, tmp_path: Path
+) -> None:
+    """A FIFO, an endless device, an array header declaring a billion images, a PNG declaring
+    13,000 x 13,000 px: refused in one line each, in seconds, and the good file is classified."""
+    np.save(tmp_path / "good.npy", np.zeros((2, 28, 28), np.uint8))
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    (tmp_path / "billion.npy").write_bytes(npy_header((10**9, 28, 28)) + bytes(784))
+    (tmp_path / "huge.png").write_bytes(png_declaring(13_000, 13_000))
+    files = ["fifo", "zero", "billion.npy", "huge.png", "good.npy"]
+    with deadline(60), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = call_stage("predict", tmp_path, *files, "--json", "--model", str(model_folder))
+    assert out.returncode == 2
+    assert [json.loads(line)["file"] for line in out.stdout.splitlines()] == [
+        "good.npy[0]",
+        "good.npy[1]",
+    ]
+    assert out.stderr.splitlines() == [
+        "error: fifo: not a regular file (a pipe, socket or device); not read",
+        "error: zero: not a regular file (a pipe, socket or device); not read",
+        "error: billion.npy: header declares shape (1000000000, 28, 28) of uint8 = "
+        "747,680.7 MiB, but 784 bytes follow it",
+        "error: huge.png: image is 13000x13000 px, more than the limit of 25 megapixels; "
+        "scale it down first",
+    ]
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_an_empty_mlflow_db_is_left_empty(tmp_path: Path) -> None:
+    write_params(tmp_path)
+    (tmp_path / "mlflow.db").touch()
+    np.save(tmp_path / "one.npy", np.zeros((28, 28), np.uint8))
+    error = one_error(call_stage("predict", tmp_path, "one.npy"))
+    assert error.startswith(f"error: no MLflow store at {tmp_path / 'mlflow.db'} (an empty file)")
+    assert (tmp_path / "mlflow.db").stat().st_size == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "one.npy", "params.yaml"]
+
+
+def test_a_folder_that_is_not_an_image_model_is_refused_before_its_code_runs(
+    model_folder: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    mlmodel = folder / "MLmodel"
+    mlmodel.write_text(mlmodel.read_text().replace("  dataset: mnist\n", ""))
+    canary = tmp_path / "code ran"
+    with (folder / "image_model.py").open("a") as f:
+        f.write(f"\nopen({str(canary)!r}, 'w').close()\n")
+    np.save(tmp_path / "one.npy", np.zeros((28, 28), np.uint8))
+    error = one_error(call_stage("predict", tmp_path, "one.npy", "--model", str(folder)))
+    assert error == f"error: --model {folder}: not an image model (registered by pipeline.register)"
+    assert not canary.exists()
+
+
+def test_a_truncated_network_is_named_in_one_line(model_folder: Path, tmp_path: Path) -> None:
+    write_params(tmp_path)
+    (tmp_path / "data/prepared").mkdir(parents=True)
+    (tmp_path / "data/prepared/meta.json").write_text(json.dumps({"order": "rows"}))
+    network = tmp_path / "models/state_h/model.keras"
+    network.parent.mkdir(parents=True)
+    whole = (model_folder.parent / "models/state_h/model.keras").read_bytes()
+    network.write_bytes(whole[: len(whole) // 2])
+    np.save(tmp_path / "one.npy", np.zeros((28, 28), np.uint8))
+    out = call_stage("predict", tmp_path, "one.npy", "--model", "models/state_h")
+    assert one_error(out) == (
+        "error: --model models/state_h: models/state_h/model.keras is damaged (File is not a zip "
+        "file): restore it with `dvc pull` or `dvc repro`"
+    )

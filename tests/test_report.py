@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import call_stage
+from helpers import call_stage, one_error
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -110,10 +110,26 @@ def test_the_full_metric_history_is_read(store: tuple[str, dict[str, str]]) -> N
     assert values[-1] == pytest.approx(0.97 * (BATCHES - 1) / BATCHES)
 
 
-def test_an_empty_store_is_one_clear_error(tmp_path: Path) -> None:
-    done = run_report(f"sqlite:///{tmp_path / 'empty.db'}", tmp_path)
-    assert done.returncode == 2
-    assert f"error: no experiment '{S.EXPERIMENT}'" in done.stderr
+def test_a_missing_or_empty_store_is_one_clear_error_and_not_created(tmp_path: Path) -> None:
+    database = tmp_path / "empty.db"
+    assert one_error(run_report(f"sqlite:///{database}", tmp_path)).startswith(
+        f"error: no MLflow store at {database} (none): run `dvc repro`"
+    )
+    assert not database.exists() and not (tmp_path / "reports").exists()
+    database.touch()
+    assert "(an empty file)" in one_error(run_report(f"sqlite:///{database}", tmp_path))
+    assert database.stat().st_size == 0
+
+
+def test_a_damaged_store_is_one_line_and_left_as_it_is(
+    store: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    whole = Path(store[0].removeprefix("sqlite:///")).read_bytes()
+    damaged = tmp_path / "mlflow.db"
+    damaged.write_bytes(whole[: len(whole) // 2])  # before: a 72-line SQLAlchemy traceback
+    error = one_error(run_report(f"sqlite:///{damaged}", tmp_path))
+    assert error.startswith(f"error: {damaged} is not a readable SQLite database"), error
+    assert damaged.read_bytes() == whole[: len(whole) // 2]
     assert not (tmp_path / "reports").exists()
 
 

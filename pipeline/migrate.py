@@ -117,20 +117,22 @@ def move_registry(src: MlflowClient, dst: MlflowClient, runs: dict, models: dict
         name = registered.name
         if not dst.search_registered_models(f"name = '{name}'"):
             dst.create_registered_model(name, registered.tags, registered.description)
+        # A version moved before is known by its source, the copy of its logged model, and its
+        # old number: another machine's v1 (another model) is not this store's v1.
         there = {
-            v.tags.get("migrated.version"): v.version
+            (v.source, v.tags.get("migrated.version")): v.version
             for v in pages(dst.search_model_versions, f"name = '{name}'")
         }
         numbers = {}
         old_versions = pages(src.search_model_versions, f"name = '{name}'")
         for old in sorted(old_versions, key=lambda v: int(v.version)):
             number = str(old.version)  # an int from a local store, a string from a server
-            if number in there:
-                numbers[number] = there[number]
-                continue
             model_id = models.get(old.source.removeprefix("models:/"))
             if model_id is None:  # registered from a path or a run's files, not a logged model
                 print(f"migrate: {name} v{number} skipped: its source {old.source} was not moved")
+                continue
+            if (found := there.get((f"models:/{model_id}", number))) is not None:
+                numbers[number] = found
                 continue
             tags = old.tags | {"migrated.version": number}
             if "run_id" in tags:  # the register stage's tag names the run: the new one now

@@ -5,8 +5,9 @@ name), runs with their params, tags, status, start and end times and every metri
 artifacts, the models logged in them, and registered models with their versions, tags and aliases.
 Ids are new on the server; every moved run, model and version is tagged with its old id
 (migrated.*), so running the command again moves only what is not there yet and a move that was
-cut off is redone. An alias the server's model already has (the team's champion) is kept, and the
-command says so. The local store is only read.
+cut off is redone; a version is known by its source and old number, so another machine's v1 is
+not taken for this one's. An alias the server's model already has (the team's champion) is kept,
+and the command says so. The local store is only read (bar store.follow_root in a copied project).
 
 mlflow-export-import (1.2.0, and its master) was tried first: with MLflow 3 it loses registered
 versions and aliases (docs/team.md). Logins come from MLFLOW_TRACKING_USERNAME/PASSWORD.
@@ -162,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--from", dest="source", help="the store to read (default: mlflow.db)")
     args = parser.parse_args(argv)
     src_uri = args.source or store.local_uri()
+    if not args.source:  # a copied or moved project's artifacts are in its own mlruns/
+        store.follow_root(store.project_root())
     if src_uri.startswith("sqlite:///") and not Path(src_uri[10:]).is_file():
         raise ConfigError(f"no MLflow store at {src_uri[10:]}: nothing to move (or pass --from)")
     if src_uri.startswith(("http://", "https://")):

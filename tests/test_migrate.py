@@ -164,7 +164,7 @@ def test_a_second_machines_versions_arrive_beside_the_first(server: str, tmp_pat
         version = versions[number]
         assert version.tags["clone"] == clone
         assert version.tags["migrated.version"] == str(old + 1)
-        moved_model = dst.get_logged_model(version.model_id)
+        moved_model = dst.get_logged_model(version.source.removeprefix("models:/"))
         assert moved_model.tags["migrated.model_id"] == models[clone][old]
     assert dst.get_registered_model("rnn-mnist").aliases == {"champion": "1", "challenger": "4"}
 

@@ -116,8 +116,15 @@ def follow_root(root: Path) -> None:
         return
     if not foreign_mlruns(database, root):
         return  # the usual case, read-only: no lock file, nothing written
+    with store_lock(local_uri()):
+        check_store(database)  # a store MLflow cannot use is refused as it is, never rewritten
+        relocate(database, root)
+
+
+def relocate(database: Path, root: Path) -> None:
+    """follow_root's rewrite, under the store's lock."""
     here = root / "mlruns"
-    with store_lock(local_uri()), contextlib.closing(sqlite3.connect(database, timeout=60)) as db:
+    with contextlib.closing(sqlite3.connect(database, timeout=60)) as db:
         for folder in sorted(foreign_mlruns(database, root)):  # again: another process may be done
             if folder.is_dir() and not here.exists():
                 raise ConfigError(

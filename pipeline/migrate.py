@@ -5,8 +5,9 @@ name), runs with their params, tags, status, start and end times and every metri
 artifacts, the models logged in them, and registered models with their versions, tags and aliases.
 Ids are new on the server; every moved run, model and version is tagged with its old id
 (migrated.*), so running the command again moves only what is not there yet and a move that was
-cut off is redone. An alias the server's model already has (the team's champion) is kept, and the
-command says so. The local store is only read.
+cut off is redone; a version is known by its source and old number, so another machine's v1 is
+not taken for this one's. An alias the server's model already has (the team's champion) is kept,
+and the command says so. The local store is only read (bar store.follow_root in a copied project).
 
 mlflow-export-import (1.2.0, and its master) was tried first: with MLflow 3 it loses registered
 versions and aliases (docs/team.md). Logins come from MLFLOW_TRACKING_USERNAME/PASSWORD.
@@ -117,20 +118,22 @@ def move_registry(src: MlflowClient, dst: MlflowClient, runs: dict, models: dict
         name = registered.name
         if not dst.search_registered_models(f"name = '{name}'"):
             dst.create_registered_model(name, registered.tags, registered.description)
+        # A version moved before is known by its source, the copy of its logged model, and its
+        # old number: another machine's v1 (another model) is not this store's v1.
         there = {
-            v.tags.get("migrated.version"): v.version
+            (v.source, v.tags.get("migrated.version")): v.version
             for v in pages(dst.search_model_versions, f"name = '{name}'")
         }
         numbers = {}
         old_versions = pages(src.search_model_versions, f"name = '{name}'")
         for old in sorted(old_versions, key=lambda v: int(v.version)):
             number = str(old.version)  # an int from a local store, a string from a server
-            if number in there:
-                numbers[number] = there[number]
-                continue
             model_id = models.get(old.source.removeprefix("models:/"))
             if model_id is None:  # registered from a path or a run's files, not a logged model
                 print(f"migrate: {name} v{number} skipped: its source {old.source} was not moved")
+                continue
+            if (found := there.get((f"models:/{model_id}", number))) is not None:
+                numbers[number] = found
                 continue
             tags = old.tags | {"migrated.version": number}
             if "run_id" in tags:  # the register stage's tag names the run: the new one now
@@ -160,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--from", dest="source", help="the store to read (default: mlflow.db)")
     args = parser.parse_args(argv)
     src_uri = args.source or store.local_uri()
+    if not args.source:  # a copied or moved project's artifacts are in its own mlruns/
+        store.follow_root(store.project_root())
     if src_uri.startswith("sqlite:///") and not Path(src_uri[10:]).is_file():
         raise ConfigError(f"no MLflow store at {src_uri[10:]}: nothing to move (or pass --from)")
     if src_uri.startswith(("http://", "https://")):

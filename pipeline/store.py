@@ -2,7 +2,8 @@
 
 Default: an embedded SQLite store `mlflow.db` and artifacts in `mlruns/`, both in the repository
 root, so that `mlflow ui` started there shows every run. Runs of `dvc exp run --temp/--queue`
-execute in a copy under .dvc/tmp/exps and still land in the root's store.
+execute in a copy under .dvc/tmp/exps and still land in the root's store. MLflow keeps absolute
+artifact paths: in a copied or moved project they are pointed at its own mlruns/ (follow_root).
 MLFLOW_TRACKING_URI switches to a tracking server; MLFLOW_EXPERIMENT_NAME picks the experiment.
 Logging runs is pipeline/tracking.py's job.
 """
@@ -14,6 +15,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,7 +25,7 @@ import mlflow
 from filelock import FileLock
 from sqlalchemy.engine import make_url
 
-from pipeline.stage import ConfigError, redact
+from pipeline.stage import ConfigError, redact, run_stage
 
 EXPERIMENT = "rnn-mnist-sequences"
 SERVER_TIMEOUT = 5.0  # seconds a tracking server gets to answer before a stage gives up
@@ -66,10 +68,91 @@ def _not_disk_full(record: logging.LogRecord) -> bool:
 
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI (a server that must answer), else the root's mlflow.db."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or local_uri()
+    if not (uri := os.environ.get("MLFLOW_TRACKING_URI")):
+        follow_root(project_root())
+        return local_uri()
     if uri.startswith(("http://", "https://")):
         check_server(uri)
     return uri
+
+
+# Where MLflow keeps absolute artifact paths in its SQLite store.
+ARTIFACT_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "source"),
+    ("model_versions", "storage_location"),
+)
+
+
+def mlruns_of(location: str) -> Path | None:
+    """The mlruns folder a local artifact location (a path or a file: URI) lies in, if any."""
+    if location.startswith("file:"):
+        path = Path(urllib.request.url2pathname(urllib.parse.urlparse(location).path))
+    elif location.startswith("/"):
+        path = Path(location)
+    else:  # another scheme (s3:, a server's mlflow-artifacts:): not a project's folder
+        return None
+    return next((p for p in (path, *path.parents) if p.name == "mlruns"), None)
+
+
+def foreign_mlruns(database: Path, root: Path) -> set[Path]:
+    """The mlruns folders outside root that the store's experiments keep their artifacts in."""
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
+        ) as db:
+            locations = [loc for (loc,) in db.execute("SELECT artifact_location FROM experiments")]
+    except sqlite3.DatabaseError:
+        return set()  # no store yet, or a damaged one: check_store says which
+    found = {mlruns_of(loc) for loc in locations if loc}
+    return {folder for folder in found if folder and not folder.is_relative_to(root)}
+
+
+def follow_root(root: Path) -> None:
+    """Point the artifact paths of root's mlflow.db at root/mlruns if they lead to another folder.
+
+    MLflow stores absolute paths, so a project copied with `cp -r` (or mlflow.db and mlruns/
+    copied into a clone) would write its artifacts into the original's folder, and a moved one
+    finds none. The copy's own store is rewritten, never the original's; a store copied without
+    its mlruns/ is refused while the original's is there to copy.
+    """
+    database = root / "mlflow.db"
+    if not database.is_file() or database.stat().st_size == 0:
+        return
+    if not foreign_mlruns(database, root):
+        return  # the usual case, read-only: no lock file, nothing written
+    with store_lock(local_uri()):
+        check_store(database)  # a store MLflow cannot use is refused as it is, never rewritten
+        relocate(database, root)
+
+
+def relocate(database: Path, root: Path) -> None:
+    """follow_root's rewrite, under the store's lock."""
+    here = root / "mlruns"
+    with contextlib.closing(sqlite3.connect(database, timeout=60)) as db:
+        for folder in sorted(foreign_mlruns(database, root)):  # again: another process may be done
+            if folder.is_dir() and not here.exists():
+                raise ConfigError(
+                    f"{database} keeps its artifacts in {folder}, and {here} is missing: copy "
+                    f"them too (cp -r {folder} {root}/), then run this again"
+                )
+            tables = {t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            with db:  # one transaction: all paths move, or none
+                for old, new in ((str(folder), str(here)), (folder.as_uri(), here.as_uri())):
+                    for table, column in ARTIFACT_COLUMNS:
+                        if table in tables:
+                            db.execute(
+                                f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                                f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                                (new, len(old) + 1, old, len(old) + 1, f"{old}/"),
+                            )
+            print(
+                f"mlflow.db: artifact paths moved from {folder} to {here} (a copied or moved "
+                "project uses its own mlruns/)",
+                file=sys.stderr,
+            )
 
 
 def configure() -> str:
@@ -217,3 +300,15 @@ def check_store(path: Path) -> None:
         f"{path} has MLflow schema {found}, unknown to MLflow {mlflow.__version__} (head {head}): "
         f"upgrade MLflow to the version that wrote it, or {fix}"
     )
+
+
+def main() -> None:
+    """python -m pipeline.store: the stages call follow_root themselves; run this in a copied or
+    moved project before `mlflow ui` or `mlflow models serve`, which read mlflow.db directly."""
+    root = project_root()
+    follow_root(root)
+    print(f"mlflow.db: artifacts in {root / 'mlruns'}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -125,3 +125,49 @@ def test_a_local_history_moves_to_the_server_whole_and_only_once(server: str, tm
     third = call_stage("migrate", tmp_path, "--to", server)
     assert "rnn-mnist@champion stays v1 on the server (yours: v2)" in third.stdout, third.stderr
     assert dst.get_registered_model("rnn-mnist").aliases["champion"] == "1"
+
+
+def test_a_second_machines_versions_arrive_beside_the_first(server: str, tmp_path) -> None:
+    """Two clones' stores, each with its own v1 and v2, moved to one server: all four arrive,
+    the second's as v3 and v4, and the server's aliases stay the team's."""
+    images = np.random.default_rng(1).integers(0, 256, (2, 28, 28)).astype(np.float32)
+    models = {}
+    for clone in ("a", "b"):
+        (tmp_path / clone).mkdir()
+        with working_in(tmp_path / clone) as root:
+            first = log_small_image_model(root, images)
+            run_id = MlflowClient().get_logged_model(first.removeprefix("models:/")).source_run_id
+            second = register.log_image_model(
+                "state_h", run_id, sequence_index("rows", 0), "mnist", images
+            )
+            models[clone] = [uri.removeprefix("models:/") for uri in (first, second)]
+            for uri in (first, second):
+                mlflow.register_model(uri, "rnn-mnist", tags={"clone": clone})
+            client = MlflowClient()
+            client.set_registered_model_alias("rnn-mnist", "champion", "1")
+            if clone == "b":
+                client.set_registered_model_alias("rnn-mnist", "challenger", "2")
+
+    dst = MlflowClient(server)
+    out = call_stage("migrate", tmp_path / "a", "--to", server)
+    assert out.returncode == 0, out.stderr
+    out = call_stage("migrate", tmp_path / "b", "--to", server)
+    assert out.returncode == 0, out.stderr
+    assert "migrate: 1 runs moved" in out.stdout
+    for line in ("v1 -> v3", "v2 -> v4", "@champion stays v1 on the server (yours: v3)"):
+        assert f"migrate: rnn-mnist{' ' * (line[0] == 'v')}{line}" in out.stdout, out.stdout
+    assert "migrate: rnn-mnist@challenger -> v4" in out.stdout
+
+    versions = {v.version: v for v in dst.search_model_versions("name='rnn-mnist'")}
+    assert sorted(versions, key=int) == ["1", "2", "3", "4"]
+    for number, clone, old in (("1", "a", 0), ("2", "a", 1), ("3", "b", 0), ("4", "b", 1)):
+        version = versions[number]
+        assert version.tags["clone"] == clone
+        assert version.tags["migrated.version"] == str(old + 1)
+        moved_model = dst.get_logged_model(version.source.removeprefix("models:/"))
+        assert moved_model.tags["migrated.model_id"] == models[clone][old]
+    assert dst.get_registered_model("rnn-mnist").aliases == {"champion": "1", "challenger": "4"}
+
+    again = call_stage("migrate", tmp_path / "b", "--to", server)
+    assert "migrate: 0 runs moved (0 metric points), 1 already there" in again.stdout, again.stderr
+    assert len(dst.search_model_versions("name='rnn-mnist'")) == 4, again.stdout

@@ -15,7 +15,6 @@ import sqlalchemy
 from helpers import start_server, stop, working_in
 from mlflow.store.db import utils as db_utils
 from mlflow.store.model_registry import sqlalchemy_store as registry_store
-from mlflow.tracking import MlflowClient
 from sqlalchemy.engine import Engine
 
 from pipeline import datasets
@@ -44,7 +43,9 @@ def new_stores_from_a_template(tmp_path_factory: pytest.TempPathFactory) -> Iter
     session and copy it (SQLite's backup API) into each new one instead; the copy is the same
     schema, so what the tests check is unchanged. Stages in other processes are not affected."""
     template = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{template}").search_experiments()  # MLflow's own migrations
+    engine = sqlalchemy.create_engine(f"sqlite:///{template}")
+    db_utils._initialize_tables(engine)  # MLflow's own migrations: the tables, no experiment yet
+    engine.dispose()
     initialize_tables = db_utils._initialize_tables
 
     def from_template(engine: Engine) -> None:

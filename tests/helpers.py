@@ -197,7 +197,7 @@ def wait_for_queue(repo: Path, env: dict[str, str] | None = None, seconds: float
     """Wait until `dvc queue status` shows nothing queued or running; return what it shows."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        time.sleep(3)
+        time.sleep(10)  # each look is a dvc process: about a second of CPU taken from the queue
         status = sh(sys.executable, "-m", "dvc", "queue", "status", cwd=repo, env=env).stdout
         if "Queued" not in status and "Running" not in status:
             break

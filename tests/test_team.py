@@ -2,7 +2,8 @@
 PostgreSQL, one DVC remote (a folder), one git remote (a bare repository).
 
 Machine A runs the baseline and pushes it (git and DVC). Machine B clones and pulls it. Both queue
-three experiments and run them two at a time against the same server while two readers poll it;
+two experiments and run them at the same time (`-j 2`) against the same server while two readers
+poll it, four writers at once;
 A shares one experiment through git, B pulls it. Machine C clones, pulls, retrains nothing and
 classifies images with the pulled model.
 """
@@ -31,8 +32,14 @@ from mlflow.tracking import MlflowClient
 from pipeline import store
 
 pytestmark = pytest.mark.slow
-PARAMS = {"data": {"source": "bundled"}, "train": {"epochs": 1}, "readouts": ["state_h"]}
-LRS = {"a": ("0.0015", "0.003", "0.005"), "b": ("0.002", "0.004", "0.006")}  # not the baseline's
+# A small network: what is shared and tracked is the point here, not what it learns.
+PARAMS = {
+    "data": {"source": "bundled"},
+    "model": {"input_units": 16, "units": 16},
+    "train": {"epochs": 1},
+    "readouts": ["state_h"],
+}
+LRS = {"a": ("0.003", "0.005"), "b": ("0.004", "0.006")}  # not the baseline's
 BATCH_KEYS = ("batch_accuracy", "batch_loss")
 
 
@@ -69,7 +76,7 @@ def test_two_machines_share_a_server_a_dvc_remote_and_experiments(
     on(a, "dvc", "push")
     on(a, "git", "push", "-q", "origin", "HEAD:main")
 
-    # Machine B clones and pulls; both queue three experiments and run them at the same time.
+    # Machine B clones and pulls; both queue two experiments and run them at the same time.
     on(tmp_path, "git", "clone", "-q", str(origin), "b")
     b = tmp_path / "b"
     on(b, "dvc", "pull")
@@ -89,8 +96,8 @@ def test_two_machines_share_a_server_a_dvc_remote_and_experiments(
         for reader in readers:
             reader.join(timeout=60)
     for status in statuses:
-        assert status.count("Success") == 3, status
-    for r in reads:  # every read answered while six experiments wrote
+        assert status.count("Success") == 2, status
+    for r in reads:  # every read answered while four experiments wrote
         assert len(r) > 20 and set(r) == {200}, r
 
     client = MlflowClient(server)
@@ -99,6 +106,9 @@ def test_two_machines_share_a_server_a_dvc_remote_and_experiments(
         [experiment.experiment_id], f"tags.`dvc.exp_name` != '' AND {TRAINED}"
     )
     assert sorted(r.data.params["train.lr"] for r in runs) == sorted(LRS["a"] + LRS["b"])
+    for lrs in LRS.values():  # each machine's two experiments ran at the same time
+        both = [r.info for r in runs if r.data.params["train.lr"] in lrs]
+        assert max(i.start_time for i in both) < min(i.end_time for i in both), both
     points = 0
     for run in runs:
         assert run.info.status == "FINISHED"
@@ -106,7 +116,7 @@ def test_two_machines_share_a_server_a_dvc_remote_and_experiments(
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
             assert sorted(steps) == list(range(29)), (key, steps)
             points += len(steps)
-    assert points == 6 * 29 * len(BATCH_KEYS)
+    assert points == 4 * 29 * len(BATCH_KEYS)
     print(f"team: {len(runs)} runs FINISHED, {points} batch points, reads {list(map(len, reads))}")
     everything = client.search_runs([experiment.experiment_id], TRAINED)  # the baseline too
     versions = client.search_model_versions("name = 'rnn-mnist'")

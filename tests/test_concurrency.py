@@ -1,7 +1,7 @@
 """Parallel experiments on the embedded SQLite store lose nothing, with two `mlflow ui` readers;
 the registry ends with every version once and the best one as champion.
 
-`dvc exp run --queue` x2, then `dvc queue start -j 2`: both run at once, and every run and every
+`dvc exp run --queue` of two, then `dvc queue start -j 2`: both run at once, and every run and every
 metric point must land, while two `mlflow ui` processes read the same store over their REST API
 the whole time.
 """
@@ -65,8 +65,7 @@ def test_queued_experiments_in_parallel_lose_no_run_and_no_point(tmp_path: Path)
     try:
         for thread in pollers:
             thread.start()
-        for lr in LRS:
-            dvc("exp", "run", "--queue", "-S", f"train.lr={lr}", cwd=repo)
+        dvc("exp", "run", "--queue", "-S", f"train.lr={','.join(LRS)}", cwd=repo)  # a grid
         dvc("queue", "start", "-j", "2", cwd=repo)
         status = wait_for_queue(repo)
     finally:

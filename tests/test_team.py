@@ -21,6 +21,7 @@ from helpers import (
     GIT,
     TRAINED,
     assert_quiet,
+    call_stage,
     clean_env,
     copy_project,
     poll,
@@ -56,7 +57,8 @@ def find_exp(shown: list[dict], name: str) -> dict:
 def test_two_machines_share_a_server_a_dvc_remote_and_experiments(
     server: str, tmp_path: Path
 ) -> None:
-    env = clean_env(MLFLOW_TRACKING_URI=server)
+    tracked = {"MLFLOW_TRACKING_URI": server}
+    env = clean_env(**tracked)
 
     def on(machine: Path, *cmd: str) -> str:
         if cmd[0] == "dvc":
@@ -81,8 +83,7 @@ def test_two_machines_share_a_server_a_dvc_remote_and_experiments(
     b = tmp_path / "b"
     on(b, "dvc", "pull")
     for machine, lrs in ((a, LRS["a"]), (b, LRS["b"])):
-        for lr in lrs:
-            on(machine, "dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}")
+        on(machine, "dvc", "exp", "run", "--queue", "-S", f"train.lr={','.join(lrs)}")  # a grid
     stop, reads = threading.Event(), [[], []]
     readers = [threading.Thread(target=poll, args=(server, stop, r)) for r in reads]
     for reader in readers:
@@ -138,8 +139,8 @@ def test_two_machines_share_a_server_a_dvc_remote_and_experiments(
     (run,) = client.search_runs([experiment.experiment_id], query)
     assert run.data.params["train.lr"] == str(lr) and str(lr) in LRS["a"]
     assert run.data.metrics["test_accuracy"] == accuracy
-    found = on(b, sys.executable, "-m", "pipeline.report", "--exp", name)  # as docs/team.md says
-    assert f"[{name}]: run {run.info.run_id}, test accuracy {accuracy}" in found
+    found = call_stage("report", b, "--exp", name, env=tracked)  # as docs/team.md says
+    assert f"[{name}]: run {run.info.run_id}, test accuracy {accuracy}" in found.stdout, found
 
     # Machine C: a fresh clone gets data and models from the DVC remote and retrains nothing.
     on(tmp_path, "git", "clone", "-q", str(origin), "c")
@@ -158,8 +159,8 @@ def test_two_machines_share_a_server_a_dvc_remote_and_experiments(
     assert_quiet(out.stderr)
     assert "AutoGraph" not in out.stderr and "input example" not in out.stderr, out.stderr
     (baseline,) = [v for v in versions if v.tags["dvc.exp_name"] == ""]
-    served = on(c, sys.executable, "-m", "pipeline.predict", "digits.npy", "--json", "--model",
-                f"models:/rnn-mnist/{baseline.version}")  # fmt: skip
+    model = f"models:/rnn-mnist/{baseline.version}"
+    served = call_stage("predict", c, "digits.npy", "--json", "--model", model, env=tracked).stdout
     classes = [json.loads(line)["class"] for line in pulled.splitlines()]
     assert classes == [json.loads(line)["class"] for line in served.splitlines()]
     evaluated = json.loads((c / "eval/state_h/metrics.json").read_text())["test_accuracy"]

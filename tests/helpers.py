@@ -122,7 +122,8 @@ def start_repro(repo: Path, env: dict[str, str] | None = None) -> subprocess.Pop
 
 
 def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
-    """Wait until a server we started answers `url`; kill it and fail if it never does."""
+    """Wait until a server we started in its own session answers `url`; kill it (with what it
+    started) and fail if it never does."""
     import urllib.request
 
     deadline = time.monotonic() + seconds
@@ -132,7 +133,7 @@ def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120) -> 
             return
         except OSError:
             time.sleep(0.5)
-    process.kill()
+    os.killpg(process.pid, signal.SIGKILL)
     raise AssertionError(f"{url}: the server we started did not answer within {seconds:g} s")
 
 
@@ -145,7 +146,9 @@ def start_server(database: str, folder: Path, auth: bool = False) -> tuple[subpr
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", database]
     command += ["--artifacts-destination", str(folder / "artifacts")]
     command += ["--host", "127.0.0.1", "--port", str(port)]
-    env = clean_env()
+    # MLflow 3's server starts a job runner and seven job consumers (processes) by default; these
+    # tests run no server-side jobs, and on 2 cores those processes slow everything else down.
+    env = clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     if auth:
         command += ["--app-name", "basic-auth"]
         env |= {"MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1], "MLFLOW_FLASK_SERVER_SECRET_KEY": "test"}
@@ -191,6 +194,15 @@ def poll(url: str, stop: threading.Event, results: list[int]) -> None:
         except OSError:
             results.append(-1)
         time.sleep(0.5)
+
+
+def start_queue(repo: Path, env: dict[str, str] | None = None) -> None:
+    """`dvc queue start -j 2`, returning once the workers are started: they keep the command's
+    stdout open until the queue is empty, so it goes to no pipe (a pipe would wait for them)."""
+    cmd = (sys.executable, "-m", "dvc", "queue", "start", "-j", "2")
+    silent = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    done = subprocess.run(cmd, cwd=repo, env=env or clean_env(), timeout=300, **silent)
+    assert done.returncode == 0, f"{' '.join(cmd)} in {repo}: exit {done.returncode}"
 
 
 def wait_for_queue(repo: Path, env: dict[str, str] | None = None, seconds: float = 900) -> str:

@@ -21,6 +21,8 @@ from helpers import (
     dvc,
     free_port,
     poll,
+    start_queue,
+    stop,
     wait_for_queue,
     wait_until_up,
 )
@@ -44,7 +46,7 @@ def start_ui(repo: Path) -> tuple[subprocess.Popen[bytes], str]:
     ui = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--port", str(port)],
         cwd=repo,
-        env=clean_env(),
+        env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),  # as start_server's
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -57,24 +59,23 @@ def start_ui(repo: Path) -> tuple[subprocess.Popen[bytes], str]:
 def test_queued_experiments_in_parallel_lose_no_run_and_no_point(tmp_path: Path) -> None:
     repo = copy_project(tmp_path / "repo", PARAMS)
     uis = [start_ui(repo) for _ in range(2)]  # the readers create the store before any writer
-    stop, results = threading.Event(), [[], []]
+    done, results = threading.Event(), [[], []]
     pollers = [
-        threading.Thread(target=poll, args=(url, stop, r))
+        threading.Thread(target=poll, args=(url, done, r))
         for (_, url), r in zip(uis, results, strict=True)
     ]
     try:
         for thread in pollers:
             thread.start()
         dvc("exp", "run", "--queue", "-S", f"train.lr={','.join(LRS)}", cwd=repo)  # a grid
-        dvc("queue", "start", "-j", "2", cwd=repo)
+        start_queue(repo)
         status = wait_for_queue(repo)
     finally:
-        stop.set()
+        done.set()
         for thread in pollers:
             thread.join(timeout=60)
         for ui, _ in uis:
-            ui.terminate()
-            ui.wait(timeout=30)
+            stop(ui)  # and the server process it started
     assert status.count("Success") == len(LRS), status
     for reads in results:  # both readers answered every request while the writers ran
         assert len(reads) > 20 and set(reads) == {200}, reads

@@ -157,7 +157,8 @@ def start_server(database: str, folder: Path, auth: bool = False) -> tuple[subpr
             command, cwd=folder, env=env, stdout=log, stderr=log, start_new_session=True
         )
     uri = f"http://127.0.0.1:{port}"
-    wait_until_up(f"{uri}/health", server)  # (folder / "server.log") tells why, if not
+    # its four workers import all of MLflow: on 2 busy cores that can take minutes
+    wait_until_up(f"{uri}/health", server, seconds=300)  # (folder / "server.log") tells why, if not
     return server, uri
 
 

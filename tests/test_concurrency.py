@@ -52,7 +52,7 @@ def start_ui(repo: Path) -> tuple[subprocess.Popen[bytes], str]:
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    wait_until_up(f"{url}/health", ui, seconds=90)
+    wait_until_up(f"{url}/health", ui, seconds=300)  # as start_server's
     return ui, url
 
 

@@ -122,7 +122,8 @@ def start_repro(repo: Path, env: dict[str, str] | None = None) -> subprocess.Pop
 
 
 def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
-    """Wait until a server we started answers `url`; kill it and fail if it never does."""
+    """Wait until a server we started in its own session answers `url`; kill it (with what it
+    started) and fail if it never does."""
     import urllib.request
 
     deadline = time.monotonic() + seconds
@@ -132,7 +133,7 @@ def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120) -> 
             return
         except OSError:
             time.sleep(0.5)
-    process.kill()
+    os.killpg(process.pid, signal.SIGKILL)
     raise AssertionError(f"{url}: the server we started did not answer within {seconds:g} s")
 
 
@@ -146,7 +147,9 @@ def start_server(database: str, folder: Path, auth: bool = False) -> tuple[subpr
     command += ["--artifacts-destination", str(folder / "artifacts")]
     command += ["--host", "127.0.0.1", "--port", str(port)]
     command += ["--workers", "2"]  # not 4: each imports MLflow's server (seconds of CPU) at start
-    env = clean_env()
+    # MLflow 3's server starts a job runner and seven job consumers (processes) by default; these
+    # tests run no server-side jobs, and on 2 cores those processes slow everything else down.
+    env = clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     if auth:
         command += ["--app-name", "basic-auth"]
         env |= {"MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1], "MLFLOW_FLASK_SERVER_SECRET_KEY": "test"}
@@ -155,14 +158,19 @@ def start_server(database: str, folder: Path, auth: bool = False) -> tuple[subpr
             command, cwd=folder, env=env, stdout=log, stderr=log, start_new_session=True
         )
     uri = f"http://127.0.0.1:{port}"
-    wait_until_up(f"{uri}/health", server)  # (folder / "server.log") tells why, if not
+    # its four workers import all of MLflow: on 2 busy cores that can take minutes
+    wait_until_up(f"{uri}/health", server, seconds=300)  # (folder / "server.log") tells why, if not
     return server, uri
 
 
 def stop(server: subprocess.Popen) -> None:
     """Stop a server started in its own session, and everything it started."""
     os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=60)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # a busy machine: still stop it, not leave it running
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=60)
 
 
 def wait_for(path: Path, process: subprocess.Popen[bytes], seconds: float = 120) -> bool:
@@ -194,11 +202,20 @@ def poll(url: str, stop: threading.Event, results: list[int]) -> None:
         time.sleep(0.5)
 
 
+def start_queue(repo: Path, env: dict[str, str] | None = None) -> None:
+    """`dvc queue start -j 2`, returning once the workers are started: they keep the command's
+    stdout open until the queue is empty, so it goes to no pipe (a pipe would wait for them)."""
+    cmd = (sys.executable, "-m", "dvc", "queue", "start", "-j", "2")
+    silent = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    done = subprocess.run(cmd, cwd=repo, env=env or clean_env(), timeout=300, **silent)
+    assert done.returncode == 0, f"{' '.join(cmd)} in {repo}: exit {done.returncode}"
+
+
 def wait_for_queue(repo: Path, env: dict[str, str] | None = None, seconds: float = 900) -> str:
     """Wait until `dvc queue status` shows nothing queued or running; return what it shows."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        time.sleep(3)
+        time.sleep(10)  # each look is a dvc process: about a second of CPU taken from the queue
         status = sh(sys.executable, "-m", "dvc", "queue", "status", cwd=repo, env=env).stdout
         if "Queued" not in status and "Running" not in status:
             break

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 from helpers import (
     assert_quiet,
+    call_stage,
     copy_project,
     drawing_png,
     dvc,
     env_without_project,
     free_port,
     post,
-    run_stage,
     wait_until_up,
 )
 from mlflow.tracking import MlflowClient
@@ -57,8 +57,9 @@ def test_dvc_repro_prints_progress_but_no_tensorflow_noise(repo: Path) -> None:
     assert "epoch 1/1: accuracy" in log and "evaluate state_h: test accuracy" in log
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client(repo: Path) -> MlflowClient:
+    """The repo's store, also as MLflow's default (set per test: call_stage resets it)."""
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     return MlflowClient(uri)
@@ -119,7 +120,8 @@ def test_register_makes_two_versions_and_a_champion_and_reruns_register_nothing_
     assert champion.tags["registry.reason"] == "first model: there was no champion"
     assert client.get_model_version_by_alias("rnn-mnist", "challenger").version == champion.version
     count = len(versions)
-    out = dvc("repro", "-f", "-s", "register", cwd=repo)  # this stage alone
+    out = call_stage("register", repo)  # this stage alone, again
+    assert out.returncode == 0, out.stderr
     assert out.stdout.count("already registered for this run") == 2, out.stdout
     assert len(client.search_model_versions("name = 'rnn-mnist'")) == count
 
@@ -223,7 +225,7 @@ def test_editing_lr_reruns_only_train_and_later(repo: Path) -> None:
 def test_rerun_gives_identical_metrics_bit_for_bit(repo: Path, client: MlflowClient) -> None:
     before = (repo / "eval/state_h/metrics.json").read_bytes()
     first = run_of(repo, client, "state_h").info.run_id
-    report = run_stage("report", repo)  # a report the user asked for, beside compare's output
+    report = call_stage("report", repo)  # a report the user asked for, beside compare's output
     assert report.returncode == 0, report.stderr
     # Training again is what can differ: forced, with evaluate and compare (not the whole repro).
     dvc("repro", "-f", "-s", "train@state_h", "evaluate@state_h", "compare", cwd=repo)
@@ -325,7 +327,7 @@ def test_predict_classifies_image_files_as_the_arrays_from_any_folder(repo: Path
     folder.mkdir(exist_ok=True)
     names, digits = digit_pngs(repo, folder)
     np.save(folder / "digits.npy", digits)
-    out = run_stage("predict", folder, *names, "digits.npy", "--json")
+    out = call_stage("predict", folder, *names, "digits.npy", "--json")
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     from_files = [r["class"] for r in rows[: len(names)]]
@@ -373,11 +375,11 @@ def test_mlflow_models_serve_answers_like_predict(repo: Path) -> None:
         server.wait(timeout=60)
     assert status == 400 and "image 1: not base64" in refused["message"], refused
     np.save(repo / "served.npy", images)
-    local = run_stage("predict", repo, "served.npy", "--json")
+    local = call_stage("predict", repo, "served.npy", "--json")
     expected = [json.loads(line)["class"] for line in local.stdout.splitlines()]
     assert arrays["predictions"]["class"] == expected
     np.testing.assert_allclose(np.sum(arrays["predictions"]["probabilities"], axis=1), 1, rtol=1e-5)
-    local = run_stage("predict", repo, *map(str, drawings), "--json")
+    local = call_stage("predict", repo, *map(str, drawings), "--json")
     expected = [json.loads(line)["class"] for line in local.stdout.splitlines()]
     assert pngs["predictions"]["class"] == expected, local.stderr
     per_call = log.read_bytes()[started:].decode(errors="replace")  # written while answering

@@ -1,5 +1,6 @@
 """Fixtures shared by the tests; the plain helpers they build on are in helpers.py."""
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -24,9 +25,9 @@ def isolated(tmp_path: Path) -> Iterator[Path]:
         yield root
 
 
-@pytest.fixture
-def database() -> Iterator[str]:
-    """A fresh PostgreSQL database for one test's server; dropped afterwards."""
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for a server; dropped afterwards."""
     url = os.environ.get("TEST_POSTGRES_URL")
     if not url:
         if os.environ.get("CI"):
@@ -44,6 +45,24 @@ def database() -> Iterator[str]:
 
 
 @pytest.fixture
+def database() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test's server."""
+    with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One `mlflow server` (one worker) for a module's tests, each in its own experiment and
+    registered-model names: a server start costs ~10 s of CPU."""
+    folder = tmp_path_factory.mktemp("server")
+    with postgres_database() as database:
+        process, uri = start_server(database, folder, workers=1)
+        yield uri
+        stop(process)
+
+
+@pytest.fixture
 def server(database: str, tmp_path: Path) -> Iterator[str]:
     """`mlflow server` on a fresh database, serving artifacts itself; its URI."""
     (tmp_path / "server").mkdir()
@@ -57,6 +76,6 @@ def auth_server(database: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """`mlflow server --app-name basic-auth`: its URI and working folder (where its logins live)."""
     folder = tmp_path / "auth"
     folder.mkdir()
-    process, uri = start_server(database, folder, auth=True)
+    process, uri = start_server(database, folder, auth=True, workers=1)  # for a few clients
     yield uri, folder
     stop(process)

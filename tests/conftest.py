@@ -39,9 +39,11 @@ def postgres_database() -> Iterator[str]:
     admin = psycopg2.connect(url.replace("+psycopg2", ""))
     admin.autocommit = True
     admin.cursor().execute(f"CREATE DATABASE {name}")
-    yield f"{url.rsplit('/', 1)[0]}/{name}"
-    admin.cursor().execute(f"DROP DATABASE {name} WITH (FORCE)")
-    admin.close()
+    try:
+        yield f"{url.rsplit('/', 1)[0]}/{name}"
+    finally:
+        admin.cursor().execute(f"DROP DATABASE {name} WITH (FORCE)")
+        admin.close()
 
 
 @pytest.fixture

@@ -179,7 +179,11 @@ def start_server(
             command, cwd=folder, env=env, stdout=log, stderr=log, start_new_session=True
         )
     uri = f"http://127.0.0.1:{port}"
-    wait_until_up(f"{uri}/health", server)  # (folder / "server.log") tells why, if not
+    try:
+        wait_until_up(f"{uri}/health", server)  # (folder / "server.log") tells why, if not
+    except AssertionError:
+        os.killpg(server.pid, signal.SIGKILL)  # its workers too, not only the process that started
+        raise
     return server, uri
 
 

@@ -182,7 +182,8 @@ def start_server(
     try:
         wait_until_up(f"{uri}/health", server)  # (folder / "server.log") tells why, if not
     except AssertionError:
-        os.killpg(server.pid, signal.SIGKILL)  # its workers too, not only the process that started
+        with contextlib.suppress(ProcessLookupError):  # its workers too, if any are left
+            os.killpg(server.pid, signal.SIGKILL)
         raise
     return server, uri
 

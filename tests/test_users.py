@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import sqlite3
 import sys
 from pathlib import Path
@@ -89,7 +88,8 @@ def test_two_users_train_and_register_into_one_model_with_the_grants_of_docs_tea
     with as_user():
         auth.grant_user_permission("bob", "registered_model", "rnn-mnist", "EDIT")
     dry = sh(*repro, "--dry", cwd=tmp_path / "bob", env=clean_env(**bob)).stdout
-    assert re.findall(r"Running stage '(.+)'", dry) == ["register"], dry  # what `dvc repro` runs
+    # what `dvc repro` would run (compare, "cached", it restores from DVC's run cache)
+    assert "Running stage 'register'" in dry and "Running stage 'train" not in dry, dry
     out = call_stage("register", tmp_path / "bob", env=bob)
     assert out.returncode == 0, out.stderr[-3000:]
 

@@ -139,6 +139,8 @@ def decision_lock(client: MlflowClient, uri: str, name: str) -> Iterator[None]:
             client.create_registered_model(lock, description=LOCK_NOTE)
             break
         except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                continue  # MLflow's store, finding the name taken, read it back after its release
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         try:

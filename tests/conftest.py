@@ -1,5 +1,6 @@
 """Fixtures shared by the tests; the plain helpers they build on are in helpers.py."""
 
+import contextlib
 import os
 import sqlite3
 import uuid
@@ -99,14 +100,36 @@ def postgres() -> Iterator[tuple[Any, str]]:
     admin.close()
 
 
-@pytest.fixture
-def database(postgres: tuple[Any, str]) -> Iterator[str]:
-    """A fresh PostgreSQL database with MLflow's tables, for one test's server; dropped after."""
+@contextlib.contextmanager
+def postgres_database(postgres: tuple[Any, str]) -> Iterator[str]:
+    """A fresh PostgreSQL database with MLflow's tables, for a server; dropped afterwards."""
     admin, template = postgres
     name = f"mlflow_test_{uuid.uuid4().hex[:8]}"
     admin.cursor().execute(f"CREATE DATABASE {name} TEMPLATE {template}")
-    yield f"{os.environ['TEST_POSTGRES_URL'].rsplit('/', 1)[0]}/{name}"
-    admin.cursor().execute(f"DROP DATABASE {name} WITH (FORCE)")
+    try:
+        yield f"{os.environ['TEST_POSTGRES_URL'].rsplit('/', 1)[0]}/{name}"
+    finally:
+        admin.cursor().execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def database(postgres: tuple[Any, str]) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test's server."""
+    with postgres_database(postgres) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_server(
+    postgres: tuple[Any, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """One `mlflow server` (one worker) for a module's tests, each in its own experiment and
+    registered-model names: a server start costs ~10 s of CPU."""
+    folder = tmp_path_factory.mktemp("server")
+    with postgres_database(postgres) as database:
+        process, uri = start_server(database, folder, workers=1)
+        yield uri
+        stop(process)
 
 
 @pytest.fixture
@@ -123,6 +146,6 @@ def auth_server(database: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """`mlflow server --app-name basic-auth`: its URI and working folder (where its logins live)."""
     folder = tmp_path / "auth"
     folder.mkdir()
-    process, uri = start_server(database, folder, auth=True)
+    process, uri = start_server(database, folder, auth=True, workers=1)  # for a few clients
     yield uri, folder
     stop(process)

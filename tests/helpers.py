@@ -105,6 +105,25 @@ def call_stage(
     return subprocess.CompletedProcess([stage, *args], code, out.getvalue(), err.getvalue())
 
 
+# What `dvc repro` runs, in its order, for params with readouts [state_h] (`dvc repro --dry`)
+REPRO = (
+    ("fetch",),
+    ("preprocess",),
+    ("train", "--readout", "state_h"),
+    ("evaluate", "--readout", "state_h"),
+    ("compare",),
+    ("register",),
+)
+
+
+def call_stages(repo: Path, stages: tuple[tuple[str, ...], ...], env: dict[str, str]) -> None:
+    """Each stage in process (call_stage), in turn, as `dvc repro` runs them; each must succeed.
+    For tests about what the stages do against a store, not about DVC."""
+    for stage, *args in stages:
+        out = call_stage(stage, repo, *args, env=env)
+        assert out.returncode == 0, f"{stage}:\n{out.stderr[-3000:]}"
+
+
 def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return sh(sys.executable, "-m", "dvc", *args, cwd=cwd)
 
@@ -133,20 +152,24 @@ def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120) -> 
             return
         except OSError:
             time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # the group may be gone already
+        os.killpg(process.pid, signal.SIGKILL)
     raise AssertionError(f"{url}: the server we started did not answer within {seconds:g} s")
 
 
 ADMIN = ("admin", "Adm1n-password-for-tests")  # the basic-auth server's admin in tests
 
 
-def start_server(database: str, folder: Path, auth: bool = False) -> tuple[subprocess.Popen, str]:
-    """mlflow server on 127.0.0.1 and a free port, storing artifacts itself under folder."""
+def start_server(
+    database: str, folder: Path, auth: bool = False, workers: int = 2
+) -> tuple[subprocess.Popen, str]:
+    """mlflow server on 127.0.0.1 and a free port, storing artifacts itself under folder; with
+    `workers`, that many worker processes instead of MLflow's 4 (each costs seconds to start)."""
     port = free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", database]
     command += ["--artifacts-destination", str(folder / "artifacts")]
     command += ["--host", "127.0.0.1", "--port", str(port)]
-    command += ["--workers", "2"]  # not 4: each imports MLflow's server (seconds of CPU) at start
+    command += ["--workers", str(workers)]  # not 4: each imports MLflow's server at start
     # MLflow 3's server starts a job runner and seven job consumers (processes) by default; these
     # tests run no server-side jobs, and on 2 cores those processes slow everything else down.
     env = clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
@@ -158,7 +181,7 @@ def start_server(database: str, folder: Path, auth: bool = False) -> tuple[subpr
             command, cwd=folder, env=env, stdout=log, stderr=log, start_new_session=True
         )
     uri = f"http://127.0.0.1:{port}"
-    # its four workers import all of MLflow: on 2 busy cores that can take minutes
+    # its workers import all of MLflow: on 2 busy cores that can take minutes
     wait_until_up(f"{uri}/health", server, seconds=300)  # (folder / "server.log") tells why, if not
     return server, uri
 

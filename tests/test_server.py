@@ -2,7 +2,8 @@
 with and without logins, and the real pipeline against it.
 
 PostgreSQL comes from .ci/run, which starts the cluster and sets TEST_POSTGRES_URL; with CI set, a
-missing database fails these tests instead of skipping them.
+missing database fails these tests instead of skipping them. The tests without logins share one
+server (module_server), each in its own experiment and registered-model names.
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ from pathlib import Path
 import pytest
 from helpers import (
     ADMIN,
+    REPRO,
     TRAINED,
     as_user,
+    call_stage,
+    call_stages,
     clean_env,
     copy_project,
     login,
     one_error,
-    run_stage,
     sh,
-    start_repro,
     wait_for,
 )
 from mlflow.server import get_app_client
@@ -39,12 +41,17 @@ from mlflow.tracking import MlflowClient
 from pipeline import register, store
 
 pytestmark = pytest.mark.slow
-SMALL = {"data": {"source": "bundled"}, "train": {"epochs": 1}}
+SMALL = {
+    "data": {"source": "bundled"},
+    "train": {"epochs": 1},
+    "model": {"units": 16, "input_units": 16},  # what is logged where, not how well it learns
+}
 
 
 def test_dvc_repro_lands_runs_points_models_and_registry_on_the_server(
-    server: str, tmp_path: Path
+    module_server: str, tmp_path: Path
 ) -> None:
+    server = module_server  # the experiment rnn-mnist-sequences and the model rnn-mnist are ours
     repo = copy_project(tmp_path / "repo", SMALL)
     env = clean_env(MLFLOW_TRACKING_URI=server)
     sh(sys.executable, "-m", "dvc", "repro", cwd=repo, env=env)
@@ -66,48 +73,68 @@ def test_dvc_repro_lands_runs_points_models_and_registry_on_the_server(
     assert client.get_model_version_by_alias("rnn-mnist", "champion").version == "1"
     assert not (repo / "mlflow.db").exists() and not (repo / "mlruns").exists()
 
-    report = run_stage("report", repo, env={"MLFLOW_TRACKING_URI": server})
+    report = call_stage("report", repo, env={"MLFLOW_TRACKING_URI": server})
     assert report.returncode == 0, report.stderr
     table = (repo / "reports/experiments/report.md").read_text()
     assert table.startswith("# 2 runs")
 
 
 def test_a_killed_training_resumes_into_the_same_run_on_the_server(
-    server: str, tmp_path: Path
+    module_server: str, tmp_path: Path
 ) -> None:
-    params = SMALL | {"train": {"epochs": 8}, "readouts": ["state_h"]}
-    repo = copy_project(tmp_path / "repo", params)
-    env = clean_env(MLFLOW_TRACKING_URI=server)
+    """The training process SIGKILLed after its first epoch; the stage run again resumes it into
+    the same run on the server, every batch's point there once. (tests/test_resume.py kills
+    `dvc repro` itself, on the embedded store.)"""
+    epochs = 4
+    repo = copy_project(tmp_path / "repo", SMALL | {"train": {"epochs": epochs}})
+    env = {"MLFLOW_TRACKING_URI": module_server, "MLFLOW_EXPERIMENT_NAME": "killed-and-resumed"}
+    call_stages(repo, REPRO[:2], {})  # fetch, preprocess
     checkpoint = repo / "checkpoints/state_h/checkpoint.npz"
-    process = start_repro(repo, env)
-    assert wait_for(checkpoint, process)
-    time.sleep(1.5)  # inside the training's ~4 s
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--readout", "state_h"],
+        cwd=repo,
+        env=clean_env(**env),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    assert wait_for(checkpoint, process)  # saved as the run starts
+
+    def saved() -> tuple[int, int]:  # a save writes a new file and renames it over the old
+        return checkpoint.stat().st_ino, checkpoint.stat().st_mtime_ns
+
+    first = saved()
+    while process.poll() is None and saved() == first:
+        time.sleep(0.02)  # until the first epoch's checkpoint: a kill then is inside training
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
     assert checkpoint.exists(), "training had finished before the kill"  # removed at its end
-    sh(sys.executable, "-m", "dvc", "repro", cwd=repo, env=env)
+    out = call_stage("train", repo, "--readout", "state_h", env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
 
-    client = MlflowClient(server)
-    experiment = client.get_experiment_by_name("rnn-mnist-sequences")
+    client = MlflowClient(module_server)
+    experiment = client.get_experiment_by_name(env["MLFLOW_EXPERIMENT_NAME"])
     (run,) = client.search_runs([experiment.experiment_id], TRAINED)  # resumed, not a second
     assert run.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "batch_accuracy"))
-    assert steps == list(range(8 * 29))  # every batch once
+    assert steps == list(range(epochs * 29))  # every batch once
     assert run.info.run_id == json.loads((repo / "models/state_h/run.json").read_text())["run_id"]
 
 
 def test_a_server_with_logins_refuses_a_stage_without_one_in_seconds_and_works_with_it(
-    auth_server: tuple[str, Path], tmp_path: Path
+    auth_server: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """What each stage is refused, and when: in process, as `dvc repro` would run it."""
     uri, _ = auth_server
     request = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1")
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 401
 
-    repo = copy_project(tmp_path / "repo", SMALL)
-    sh(sys.executable, "-m", "pipeline.fetch", cwd=repo)
-    sh(sys.executable, "-m", "pipeline.preprocess", cwd=repo)
+    repo = copy_project(tmp_path / "repo", SMALL | {"readouts": ["state_h"]})
+    call_stages(repo, REPRO[:2], {})  # fetch, preprocess
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(var, raising=False)  # no login but the one each call gives
     for credentials, message in [
         ({}, "the server asks for a login: set MLFLOW_TRACKING_USERNAME"),
         (
@@ -116,15 +143,14 @@ def test_a_server_with_logins_refuses_a_stage_without_one_in_seconds_and_works_w
         ),
     ]:
         start = time.monotonic()
-        out = run_stage(
+        out = call_stage(
             "train", repo, "--readout", "state_h", env={"MLFLOW_TRACKING_URI": uri, **credentials}
         )
         assert message in one_error(out) and out.returncode == 2
         assert time.monotonic() - start < 120  # seconds, not a training run
         assert not (repo / "models").exists()
 
-    admin = clean_env(MLFLOW_TRACKING_URI=uri, **login(ADMIN[0]))
-    sh(sys.executable, "-m", "dvc", "repro", cwd=repo, env=admin)
+    call_stages(repo, REPRO[2:], {"MLFLOW_TRACKING_URI": uri, **login(ADMIN[0])})
     registry = json.loads((repo / "reports/registry.json").read_text())
     assert registry["decision"] == "champion"
 
@@ -139,7 +165,7 @@ def test_a_server_with_logins_refuses_a_stage_without_one_in_seconds_and_works_w
 
     def train_as(user: str) -> subprocess.CompletedProcess[str]:
         env = {"MLFLOW_TRACKING_URI": uri, **login(user)}
-        return run_stage("train", repo, "--readout", "state_h", env=env)
+        return call_stage("train", repo, "--readout", "state_h", env=env)
 
     for user in ("reader", "denied"):
         out = train_as(user)
@@ -156,16 +182,17 @@ def test_a_server_with_logins_refuses_a_stage_without_one_in_seconds_and_works_w
 
 
 def test_the_decision_lock_lets_one_stage_decide_at_a_time_across_clients(
-    server: str, monkeypatch: pytest.MonkeyPatch
+    module_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Machines that share only the server: 6 clients at once, never two inside the lock."""
+    server, name = module_server, "lock-test"  # a registered model no other test here uses
     inside, most, entered = 0, 0, 0
     guard = threading.Lock()
 
     def decide() -> None:
         nonlocal inside, most, entered
         client = MlflowClient(server)  # one client each, as on separate machines
-        with register.decision_lock(client, server, "rnn-mnist"):
+        with register.decision_lock(client, server, name):
             with guard:
                 inside, entered = inside + 1, entered + 1
                 most = max(most, inside)
@@ -178,10 +205,10 @@ def test_the_decision_lock_lets_one_stage_decide_at_a_time_across_clients(
             future.result()
     assert (entered, most) == (6, 1)
     client = MlflowClient(server)
-    assert [m.name for m in client.search_registered_models()] == []  # released
+    assert client.search_registered_models(f"name LIKE '{name}%'") == []  # released
 
-    client.create_registered_model("rnn-mnist.lock")  # left behind by a killed stage
+    client.create_registered_model(f"{name}.lock")  # left behind by a killed stage
     monkeypatch.setattr(register, "STALE_LOCK", 1)
     time.sleep(1.5)
-    with register.decision_lock(client, server, "rnn-mnist"):
-        assert client.get_registered_model("rnn-mnist.lock").description == register.LOCK_NOTE
+    with register.decision_lock(client, server, name):
+        assert client.get_registered_model(f"{name}.lock").description == register.LOCK_NOTE

@@ -5,7 +5,6 @@ import os
 import sqlite3
 import uuid
 from collections.abc import Iterator
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -23,7 +22,7 @@ from pipeline import datasets
 # Modules whose module-scoped fixtures cost seconds to minutes (a repository after `dvc repro`, a
 # logged model): under `--dist loadgroup` each one runs on one worker, so they are built once.
 SHARED_FIXTURES = {"test_pipeline", "test_resume", "test_image_model", "test_predict"}
-SHARED_FIXTURES |= {"test_register", "test_report"}
+SHARED_FIXTURES |= {"test_register", "test_report", "test_server"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
@@ -54,7 +53,8 @@ def new_stores_from_a_template(tmp_path_factory: pytest.TempPathFactory) -> Iter
         if not target or target == ":memory:":
             return initialize_tables(engine)
         engine.dispose()  # no pooled connection holds the file while it is overwritten
-        with closing(sqlite3.connect(template)) as source, closing(sqlite3.connect(target)) as copy:
+        source, copy = sqlite3.connect(template), sqlite3.connect(target)
+        with contextlib.closing(source), contextlib.closing(copy):
             source.backup(copy)
 
     with (

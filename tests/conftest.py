@@ -19,22 +19,6 @@ from sqlalchemy.engine import Engine
 
 from pipeline import datasets
 
-# Modules whose module-scoped fixtures cost seconds to minutes (a repository after `dvc repro`, a
-# logged model): under `--dist loadgroup` each one runs on one worker, so they are built once.
-SHARED_FIXTURES = {"test_pipeline", "test_resume", "test_image_model", "test_predict"}
-SHARED_FIXTURES |= {"test_register", "test_report", "test_server"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.stem in SHARED_FIXTURES:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
-    # Modules with slow tests first, each kept in one piece: the long tests start while the
-    # quick ones are left to fill both workers at the end.
-    slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)
-
 
 @pytest.fixture(scope="session", autouse=True)
 def new_stores_from_a_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:

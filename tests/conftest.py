@@ -19,6 +19,20 @@ from sqlalchemy.engine import Engine
 
 from pipeline import datasets
 
+# The longest modules first (minutes each: real `dvc repro`, servers, queues), so that neither
+# worker starts one of them near the end while the other has nothing left (pyproject.toml runs
+# modules in this order: --no-loadscope-reorder). The quick modules then fill both workers.
+LONGEST_FIRST = ("test_team", "test_users", "test_server", "test_pipeline", "test_resume")
+LONGEST_FIRST += ("test_refusals", "test_concurrency", "test_migrate", "test_tracking_load")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.stem
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its own order
+
 
 @pytest.fixture(scope="session", autouse=True)
 def new_stores_from_a_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:

@@ -63,6 +63,8 @@ def test_global_clipnorm_rescales_all_gradients_together() -> None:
     assert not np.allclose(clipped[0], unclipped[0])  # Adam is not scale-free across steps
 
 
+# The process is the point (what a user's terminal shows), and it costs 13 s: in the full suite.
+@pytest.mark.slow
 def test_the_stage_trains_logs_and_prints_no_tensorflow_noise(tmp_path: Path) -> None:
     tiny = {"model": {"input_units": 8, "units": 8}, "readouts": ["state_h"]}
     write_params(tmp_path, tiny | {"train": {"epochs": 2, "batch_size": 8}})

@@ -225,10 +225,10 @@ def poll(url: str, stop: threading.Event, results: list[int]) -> None:
         time.sleep(0.5)
 
 
-def start_queue(repo: Path, env: dict[str, str] | None = None) -> None:
-    """`dvc queue start -j 2`, returning once the workers are started: they keep the command's
+def start_queue(repo: Path, env: dict[str, str] | None = None, jobs: int = 2) -> None:
+    """`dvc queue start -j <jobs>`, returning once the workers are started: they keep the command's
     stdout open until the queue is empty, so it goes to no pipe (a pipe would wait for them)."""
-    cmd = (sys.executable, "-m", "dvc", "queue", "start", "-j", "2")
+    cmd = (sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs))
     silent = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     done = subprocess.run(cmd, cwd=repo, env=env or clean_env(), timeout=300, **silent)
     assert done.returncode == 0, f"{' '.join(cmd)} in {repo}: exit {done.returncode}"

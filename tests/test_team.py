@@ -1,9 +1,9 @@
 """A team on several machines (docs/team.md), each machine a clone: one tracking server on
 PostgreSQL, one DVC remote (a folder), one git remote (a bare repository).
 
-Machine A runs the baseline and pushes it (git and DVC). Machine B clones and pulls it. Both queue
-two experiments and run them at the same time (`-j 2`) against the same server while two readers
-poll it, four writers at once;
+Machine A runs the baseline and pushes it (git and DVC). Machine B clones and pulls it. Each queues
+an experiment and both run at the same time against the same server while two readers poll it
+(two machines' writers at once; tests/test_concurrency.py runs two at once on one machine);
 A shares one experiment through git, B pulls it. Machine C clones, pulls, retrains nothing and
 classifies images with the pulled model.
 """
@@ -41,7 +41,7 @@ PARAMS = {
     "train": {"epochs": 1},
     "readouts": ["state_h"],
 }
-LRS = {"a": ("0.003", "0.005"), "b": ("0.004", "0.006")}  # not the baseline's
+LRS = {"a": ("0.003",), "b": ("0.004",)}  # not the baseline's
 BATCH_KEYS = ("batch_accuracy", "batch_loss")
 
 
@@ -79,27 +79,27 @@ def test_two_machines_share_a_server_a_dvc_remote_and_experiments(
     on(a, "dvc", "push")
     on(a, "git", "push", "-q", "origin", "HEAD:main")
 
-    # Machine B clones and pulls; both queue two experiments and run them at the same time.
+    # Machine B clones and pulls; both queue an experiment and run it at the same time.
     on(tmp_path, "git", "clone", "-q", str(origin), "b")
     b = tmp_path / "b"
     on(b, "dvc", "pull")
     for machine, lrs in ((a, LRS["a"]), (b, LRS["b"])):
-        on(machine, "dvc", "exp", "run", "--queue", "-S", f"train.lr={','.join(lrs)}")  # a grid
+        on(machine, "dvc", "exp", "run", "--queue", "-S", f"train.lr={','.join(lrs)}")
     stop, reads = threading.Event(), [[], []]
     readers = [threading.Thread(target=poll, args=(server, stop, r)) for r in reads]
     for reader in readers:
         reader.start()
     try:
         for machine in (a, b):
-            start_queue(machine, env)
+            start_queue(machine, env, jobs=1)
         statuses = [wait_for_queue(machine, env) for machine in (a, b)]
     finally:
         stop.set()
         for reader in readers:
             reader.join(timeout=60)
     for status in statuses:
-        assert status.count("Success") == 2, status
-    for r in reads:  # every read answered while four experiments wrote
+        assert status.count("Success") == 1, status
+    for r in reads:  # every read answered while the machines' experiments wrote
         assert len(r) > 20 and set(r) == {200}, r
 
     client = MlflowClient(server)
@@ -108,7 +108,7 @@ def test_two_machines_share_a_server_a_dvc_remote_and_experiments(
         [experiment.experiment_id], f"tags.`dvc.exp_name` != '' AND {TRAINED}"
     )
     assert sorted(r.data.params["train.lr"] for r in runs) == sorted(LRS["a"] + LRS["b"])
-    together = [r.info for r in runs]  # from train's start to register's end, all at once
+    together = [r.info for r in runs]  # from train's start to register's end, both at once
     assert max(i.start_time for i in together) < min(i.end_time for i in together), together
     points = 0
     for run in runs:
@@ -117,7 +117,7 @@ def test_two_machines_share_a_server_a_dvc_remote_and_experiments(
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
             assert sorted(steps) == list(range(29)), (key, steps)
             points += len(steps)
-    assert points == 4 * 29 * len(BATCH_KEYS)
+    assert points == 2 * 29 * len(BATCH_KEYS)
     print(f"team: {len(runs)} runs FINISHED, {points} batch points, reads {list(map(len, reads))}")
     everything = client.search_runs([experiment.experiment_id], TRAINED)  # the baseline too
     versions = client.search_model_versions("name = 'rnn-mnist'")

@@ -302,7 +302,8 @@ def plot_curves(client: MlflowClient, runs: list[Run], path: Path) -> dict[str, 
     right.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.25
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    right.legend(fontsize="x-small", loc="lower right")
+    if best_val:  # else no run has a curve to name
+        right.legend(fontsize="x-small", loc="lower right")
     save(fig, path, dpi=110)
     return best_val
 

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import call_stage, one_error
+from helpers import REPRO, call_stage, call_stages, one_error, write_params
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
@@ -282,3 +282,28 @@ def test_runs_that_differ_only_in_the_training_seed_form_one_group(tmp_path: Pat
     assert "| gru | lstm | readout=state_h | 3 | +0.0223 |" in rows["model.cell"]
     assert runs_header(text).startswith("| run | readout | dvc exp | dirty | model.cell |")
     assert "| train seed |" in runs_header(text) and "train.seed |" not in runs_header(text)
+
+
+@pytest.mark.slow
+def test_three_seeds_trained_on_the_bundled_digits_give_n_3_and_an_interval(tmp_path: Path) -> None:
+    """fetch and preprocess once, then train + evaluate under train.seed 1, 2, 3 (one tiny epoch
+    each, in this process), as `dvc exp run --queue -S train.seed=1,2,3` would; then the report."""
+    small = {"data": {"source": "bundled"}, "readouts": ["state_h"]}
+    small |= {"model": {"input_units": 8, "units": 8}}
+    write_params(tmp_path, small)
+    call_stages(tmp_path, REPRO[:2], {})  # fetch, preprocess
+    for seed in (1, 2, 3):
+        write_params(tmp_path, small | {"train": {"epochs": 1, "seed": seed}})
+        call_stages(tmp_path, REPRO[2:4], {})  # train, evaluate
+    done = run_report(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "reports/experiments/report.md").read_text()
+    (row,) = [line for line in text.splitlines() if line.startswith("| state_h | 3 | 1, 2, 3 |")]
+    mean, ci, sd = (cell.strip() for cell in row.split("|")[4:7])
+    low, high = (float(x) for x in ci.strip("[]").split(", "))
+    assert low < float(mean) < high and float(sd) > 0  # three seeds, three different models
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = report.find_runs(client, S.EXPERIMENT, [], [])
+    assert sorted(run.data.tags["train.seed"] for run in runs) == ["1", "2", "3"]
+    assert len({run.data.tags["replicate_of"] for run in runs}) == 1
+    assert row.endswith(f"| `{runs[0].data.tags['replicate_of']}` |")

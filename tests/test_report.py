@@ -286,15 +286,18 @@ def test_runs_that_differ_only_in_the_training_seed_form_one_group(tmp_path: Pat
 
 @pytest.mark.slow
 def test_three_seeds_trained_on_the_bundled_digits_give_n_3_and_an_interval(tmp_path: Path) -> None:
-    """fetch and preprocess once, then train + evaluate under train.seed 1, 2, 3 (one tiny epoch
-    each, in this process), as `dvc exp run --queue -S train.seed=1,2,3` would; then the report."""
+    """fetch and preprocess once, then train, evaluate and compare under train.seed 1, 2, 3 (one
+    tiny epoch each, in this process), as `dvc exp run --queue -S train.seed=1,2,3` would; then the
+    report (which leaves compare's parent runs out)."""
     small = {"data": {"source": "bundled"}, "readouts": ["state_h"]}
     small |= {"model": {"input_units": 8, "units": 8}}
     write_params(tmp_path, small)
     call_stages(tmp_path, REPRO[:2], {})  # fetch, preprocess
     for seed in (1, 2, 3):
         write_params(tmp_path, small | {"train": {"epochs": 1, "seed": seed}})
-        call_stages(tmp_path, REPRO[2:4], {})  # train, evaluate
+        call_stages(tmp_path, REPRO[2:5], {})  # train, evaluate, compare
+        compare_md = (tmp_path / "reports/compare/compare.md").read_text()
+        assert f"seed 42, train.seed {seed}\n\nOne training seed per readout, so no " in compare_md
     done = run_report(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
     assert done.returncode == 0, done.stderr
     text = (tmp_path / "reports/experiments/report.md").read_text()

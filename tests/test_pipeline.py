@@ -37,7 +37,7 @@ from pipeline.model import build_model
 from pipeline.train import epoch_batches
 
 SMALL = {"data": {"source": "bundled"}, "train": {"epochs": 1}}
-TEMP_OVERRIDES = ("-S", "readouts=[state_h]", "-S", "train.lr=0.002")
+TEMP_OVERRIDES = ("-S", "readouts=[state_h]", "-S", "train.seed=3")  # a replicate of state_h
 
 pytestmark = pytest.mark.slow
 
@@ -253,7 +253,11 @@ def test_temp_experiment_lands_in_the_root_store(repo: Path, client: MlflowClien
     assert parent.info.run_name == f"{run.data.tags['dvc.exp_name']}: lstm-rows readouts"
     assert parent.data.tags["dvc.exp_name"] == run.data.tags["dvc.exp_name"]
     assert run.info.status == "FINISHED"
-    assert run.data.params["train.lr"] == "0.002"
+    # a replicate of the workspace's state_h run: trained from seed 3, on the same data
+    assert run.data.params["train.seed"] == run.data.tags["train.seed"] == "3"
+    workspace = run_of(repo, client, "state_h").data.tags
+    assert run.data.tags["replicate_of"] == workspace["replicate_of"]
+    assert workspace["train.seed"] == "42"  # train.seed null: the seed
     assert run.data.tags["dvc.exp_name"]
     # In the temp copy git sees the -S params over the baseline; DVC commits them: not dirty.
     assert run.data.tags["git.dirty"] == "false"
@@ -276,7 +280,7 @@ def test_an_experiment_that_repeats_earlier_params_gets_its_own_mlflow_run(
     """DVC would restore train from its run cache and log nothing; persist: true prevents that,
     so grouping by dvc.exp_name in mlflow ui finds every experiment's model."""
     experiment_id = client.get_experiment_by_name(store.EXPERIMENT).experiment_id
-    query = "params.`train.lr` = '0.002'"
+    query = "params.`train.seed` = '3'"
     first = client.search_runs([experiment_id], query)
     assert len(first) == 1  # the temp experiment above
     # The very same params again, as far as evaluate: compare and register add nothing here.

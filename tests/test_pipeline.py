@@ -32,12 +32,13 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline import params as P
-from pipeline import store
+from pipeline import store, tracking
 from pipeline.model import build_model
 from pipeline.train import epoch_batches
 
 SMALL = {"data": {"source": "bundled"}, "train": {"epochs": 1}}
-TEMP_OVERRIDES = ("-S", "readouts=[state_h]", "-S", "train.seed=3")  # a replicate of state_h
+# train.seed = seed trains exactly as train.seed null (the later tests' champion stays the same)
+TEMP_OVERRIDES = ("-S", "readouts=[state_h]", "-S", "train.lr=0.002", "-S", "train.seed=42")
 
 pytestmark = pytest.mark.slow
 
@@ -253,11 +254,13 @@ def test_temp_experiment_lands_in_the_root_store(repo: Path, client: MlflowClien
     assert parent.info.run_name == f"{run.data.tags['dvc.exp_name']}: lstm-rows readouts"
     assert parent.data.tags["dvc.exp_name"] == run.data.tags["dvc.exp_name"]
     assert run.info.status == "FINISHED"
-    # a replicate of the workspace's state_h run: trained from seed 3, on the same data
-    assert run.data.params["train.seed"] == run.data.tags["train.seed"] == "3"
-    workspace = run_of(repo, client, "state_h").data.tags
-    assert run.data.tags["replicate_of"] == workspace["replicate_of"]
-    assert workspace["train.seed"] == "42"  # train.seed null: the seed
+    assert run.data.params["train.lr"] == "0.002"
+    assert run.data.params["train.seed"] == run.data.tags["train.seed"] == "42"  # -S: an int
+    workspace = run_of(repo, client, "state_h").data
+    assert workspace.params["train.seed"] == "None" and workspace.tags["train.seed"] == "42"
+    replicate = {**workspace.params, "train.lr": "0.002"}  # what the key leaves out may differ
+    key = tracking.replicate_key(replicate, "state_h", workspace.tags["data.sha256"])
+    assert run.data.tags["replicate_of"] == key != workspace.tags["replicate_of"]
     assert run.data.tags["dvc.exp_name"]
     # In the temp copy git sees the -S params over the baseline; DVC commits them: not dirty.
     assert run.data.tags["git.dirty"] == "false"
@@ -280,7 +283,7 @@ def test_an_experiment_that_repeats_earlier_params_gets_its_own_mlflow_run(
     """DVC would restore train from its run cache and log nothing; persist: true prevents that,
     so grouping by dvc.exp_name in mlflow ui finds every experiment's model."""
     experiment_id = client.get_experiment_by_name(store.EXPERIMENT).experiment_id
-    query = "params.`train.seed` = '3'"
+    query = "params.`train.lr` = '0.002'"
     first = client.search_runs([experiment_id], query)
     assert len(first) == 1  # the temp experiment above
     # The very same params again, as far as evaluate: compare and register add nothing here.

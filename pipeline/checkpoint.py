@@ -65,6 +65,7 @@ def fingerprint(params: P.Params, readout: str, data_sha256: str) -> str:
     """What a checkpoint belongs to: the train stage's params (dvc.yaml), readout and data."""
     what = {
         "seed": params.seed,
+        "train_seed": params.train_seed,  # what training draws from (weights, shuffling)
         "model": params.model.model_dump(),
         "train": params.train.model_dump(),
     }

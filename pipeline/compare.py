@@ -8,6 +8,9 @@ The same goes to MLflow, into a parent run that the readout runs are nested in, 
 shows the comparison first (docs/mlflow.md): compare.md as its description and its files,
 the table compare.json, compare/readout_gap, compare/curves_identical (1 = every batch-accuracy
 curve equals the first readout's), test_accuracy/<readout>, and the overlay as an image chart.
+One seed per readout, so no confidence interval: intervals over seed replicates are the cross-run
+report's (python -m pipeline.report). Not here, because a DVC stage's outputs must follow from its
+DVC deps alone, never from what else happens to be in the MLflow store.
 Params: readouts.
 """
 
@@ -119,7 +122,12 @@ def main() -> None:
     }
 
     lines = [
-        f"# Readout comparison: {params.model.cell}, {params.sequence.order}, seed {params.seed}",
+        f"# Readout comparison: {params.model.cell}, {params.sequence.order}, seed {params.seed}"
+        + (f", train.seed {params.train.seed}" if params.train.seed is not None else ""),
+        "",
+        "One training seed per readout, so no confidence interval. For intervals over seeds: "
+        "`dvc exp run --queue -S train.seed=1,2,3,4,5 && dvc queue start`, then "
+        "`python -m pipeline.report` (docs/experiments.md).",
         "",
         "| readout | test accuracy | test loss | training seconds | MLflow run | "
         f"batch curve identical to {readouts[0]} |",

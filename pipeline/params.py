@@ -86,6 +86,9 @@ class ModelParams(_Section):
 
 
 class TrainParams(_Section):
+    # What training draws (initial weights, batch shuffling); None: the top-level seed. The data
+    # (split, pixel permutation) stays with `seed`, so replicates are paired on the same images.
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
     lr: float = Field(0.001, gt=0, le=1)
     batch_size: int = Field(128, ge=1, le=65536)
     epochs: int = Field(20, ge=1, le=10000)
@@ -131,6 +134,11 @@ class Params(_Section):
                 "own steps); use state_h, output_last or state_c"
             )
         return self
+
+    @property
+    def train_seed(self) -> int:
+        """The seed of what training draws: train.seed, or the top-level seed when that is null."""
+        return self.seed if self.train.seed is None else self.train.seed
 
     def check_readout(self, readout: str, key: str = "readout") -> None:
         """Refuse a readout that model.cell lacks (a GRU has no cell state c)."""

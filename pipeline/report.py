@@ -3,25 +3,37 @@
 Reads every FINISHED run of the experiment (or the runs named, or those of the DVC experiments
 named: their `dvc.exp_name` tag, as `dvc exp show` names them) with full metric histories, not the
 UI's sampled charts, and writes to reports/experiments/ (no stage writes or deletes it):
-  report.md           one row per run: its DVC experiment (blank: a workspace run), whether its
-                      params or code differed from its commit (dirty), the params that differ
-                      between runs, test accuracy, best val accuracy, training seconds, samples/s,
-                      peak RSS, a hash of all params
+  report.md           Replicates: runs that differ only in the training seed (the same
+                      tracking.replicate_key: params but train.seed, readout, data) grouped, with
+                      n, the seeds, mean test accuracy, its 95 % confidence interval and the sd.
+                      Paired comparisons: two groups that differ in one thing only (the readout,
+                      or one param such as model.cell), paired by training seed (the same test
+                      images), with the mean difference, its interval and a paired t-test.
+                      Runs: one row per run: its DVC experiment (blank: a workspace run), whether
+                      its params or code differed from its commit (dirty), the params that differ
+                      between runs, its training seed, test accuracy, best val accuracy, training
+                      seconds, samples/s, peak RSS, its replicate key, a hash of all params
   curves.png          batch accuracy (smoothed) and val accuracy per epoch, one line per run
-  cell_by_order.png   best test accuracy for each model.cell x sequence.order
-Not a DVC stage: its input is the MLflow store, which grows with every experiment.
+  cell_by_order.png   for each model.cell x sequence.order, the best group's mean test accuracy
+                      with its 95 % interval and n
+Not a DVC stage: its input is the MLflow store, which grows with every experiment. That is also
+why the intervals are here and not in the compare stage, whose outputs follow from its DVC deps.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from scipy import stats
 
 from pipeline import store, tracking
 from pipeline.io import atomic_path
@@ -30,6 +42,7 @@ from pipeline.stage import EXPERIMENTS, ConfigError, run_stage
 
 SMOOTH = 25  # batches in the moving average of the batch-accuracy curves
 TRAINED = "tags.readout IS NOT NULL"  # a trained model's run, not a comparison's parent run
+LEVEL = 0.95  # of every confidence interval, and 1 - LEVEL the p-value that counts as real
 
 
 def find_runs(
@@ -75,11 +88,180 @@ def dirty(run: Run) -> str:
     return {"false": "", "unknown": "?"}.get(state, state)
 
 
+class Summary(NamedTuple):
+    """Test accuracy over the seeds of one group."""
+
+    n: int
+    mean: float
+    sd: float | None  # None for one run
+    low: float | None  # the 95 % interval of the mean; None for one run
+    high: float | None
+
+
+def summarize(values: Sequence[float]) -> Summary:
+    """Mean, sd and the Student-t 95 % confidence interval of the mean (scipy.stats.t.interval)."""
+    n, mean = len(values), float(np.mean(values))
+    if n < 2:
+        return Summary(n, mean, None, None, None)
+    sd = float(np.std(values, ddof=1))
+    if sd == 0:  # t.interval of a zero scale is nan; every seed gave this very value
+        return Summary(n, mean, 0.0, mean, mean)
+    low, high = stats.t.interval(LEVEL, n - 1, loc=mean, scale=sd / np.sqrt(n))
+    return Summary(n, mean, sd, float(low), float(high))
+
+
+class Paired(NamedTuple):
+    """a - b over the seeds both have."""
+
+    n: int
+    mean: float | None  # None: no seed in common
+    low: float | None
+    high: float | None
+    p: float | None  # paired t-test (scipy.stats.ttest_rel); None where no test applies
+    verdict: str
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> Paired:
+    """The paired comparison of a and b (same seed at each index): the mean difference a - b, its
+    95 % interval and the two-sided p-value of the paired t-test, and what they say in words."""
+    diff = np.subtract(a, b, dtype=np.float64)
+    n = len(diff)
+    if n == 0:
+        return Paired(0, None, None, None, None, "no seed in common")
+    mean = float(diff.mean())
+    if not diff.any():
+        return Paired(n, 0.0, 0.0, 0.0, None, "identical in every seed")
+    if n < 2:
+        return Paired(n, mean, None, None, None, "one pair: no test")
+    if np.all(diff == diff[0]):  # no spread: t is infinite, scipy's p is nan
+        return Paired(n, mean, mean, mean, None, f"the same difference in all {n} seeds: no test")
+    test = stats.ttest_rel(a, b)
+    ci = test.confidence_interval(LEVEL)
+    p = float(test.pvalue)
+    verdict = "real at 95 %" if p < 1 - LEVEL else "not distinguishable from noise"
+    return Paired(n, mean, float(ci.low), float(ci.high), p, verdict)
+
+
+class Group(NamedTuple):
+    """Runs of one configuration that differ only in the training seed."""
+
+    key: str  # tracking.replicate_key
+    what: dict[str, str]  # what the key is made of: params, readout, data.sha256
+    by_seed: dict[str, Run]  # training seed -> its latest run
+    reruns: int  # runs of a seed that already had one, left out
+
+    def accuracy(self, seed: str) -> float:
+        return self.by_seed[seed].data.metrics["test_accuracy"]
+
+    def summary(self) -> Summary:
+        return summarize([self.accuracy(seed) for seed in self.by_seed])
+
+
+def seed_order(seed: str) -> tuple[int, str]:
+    return (int(seed), "") if seed.isdigit() else (2**31, seed)
+
+
+def group_replicates(runs: list[Run]) -> list[Group]:
+    """The runs with a test accuracy, grouped by replicate key; in each group one run per training
+    seed, the latest: a rerun of a seed trains the same model (training is deterministic), so it
+    is no new replicate. Groups in order of mean test accuracy, best first."""
+    keyed: dict[str, list[Run]] = {}
+    what: dict[str, dict[str, str]] = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+        if "test_accuracy" not in run.data.metrics:
+            continue
+        params, tags = run.data.params, run.data.tags
+        readout, data = tags.get("readout", "?"), tags.get("data.sha256", "")
+        key = tracking.replicate_key(params, readout, data)
+        keyed.setdefault(key, []).append(run)
+        what[key] = {**tracking.replicate_params(params), "readout": readout, "data.sha256": data}
+    groups = []
+    for key, members in keyed.items():
+        by_seed = {tracking.effective_seed(run.data.params): run for run in members}
+        by_seed = dict(sorted(by_seed.items(), key=lambda item: seed_order(item[0])))
+        groups.append(Group(key, what[key], by_seed, len(members) - len(by_seed)))
+    return sorted(groups, key=lambda g: (-g.summary().mean, g.key))
+
+
+def differing(groups: list[Group]) -> list[str]:
+    """The keys of Group.what whose values differ between groups (readout and data aside)."""
+    keys = sorted({k for g in groups for k in g.what} - {"readout", "data.sha256"})
+    return [k for k in keys if len({g.what.get(k, "-") for g in groups}) > 1]
+
+
+def interval(low: float | None, high: float | None) -> str:
+    return "-" if low is None or high is None else f"[{low:.4f}, {high:.4f}]"
+
+
+def replicates_table(groups: list[Group]) -> str:
+    differ = differing(groups)
+    data = len({g.what["data.sha256"] for g in groups}) > 1  # e.g. the full set and the bundled
+    header = [*differ, *(["data"] if data else []), "readout", "n", "seeds", "mean test acc"]
+    header += ["95 % CI", "sd", "replicate_of"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for g in groups:
+        s = g.summary()
+        seeds = ", ".join(g.by_seed) + (f" (+{g.reruns} reruns left out)" if g.reruns else "")
+        cells = [g.what.get(k, "-") for k in differ]
+        cells += [g.what["data.sha256"][:8] or "-"] if data else []
+        cells += [g.what["readout"], str(s.n), seeds, f"{s.mean:.4f}"]
+        if s.n < 2:
+            cells += ["one run: no interval", "-"]
+        else:
+            cells += [interval(s.low, s.high), f"{s.sd:.4f}"]
+        lines.append("| " + " | ".join([*cells, f"`{g.key}`"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def comparable(groups: list[Group]) -> list[tuple[str, Group, Group]]:
+    """(what differs, a, b) for each two groups that differ in exactly one param or the readout,
+    on the same data (the same test images), a the one with the higher mean."""
+    pairs = []
+    for g, h in itertools.combinations(groups, 2):
+        keys = set(g.what) | set(h.what)
+        diff = [k for k in sorted(keys) if g.what.get(k) != h.what.get(k)]
+        if len(diff) == 1 and diff[0] != "data.sha256":
+            pairs.append((diff[0], g, h))  # groups are sorted best first
+    return pairs
+
+
+def paired_table(groups: list[Group]) -> str:
+    pairs = comparable(groups)
+    if not pairs:
+        return "No two groups differ in exactly one param or the readout.\n"
+    differ = [*differing(groups), "readout"]
+    header = ["differs in", "a", "b", "where", "pairs", "mean a - b", "95 % CI", "p (paired t)"]
+    lines = ["| " + " | ".join([*header, "verdict"]) + " |", "|" + "---|" * (len(header) + 1)]
+    for key, a, b in pairs:
+        seeds = [seed for seed in a.by_seed if seed in b.by_seed]
+        result = paired([a.accuracy(s) for s in seeds], [b.accuracy(s) for s in seeds])
+        where = ", ".join(f"{k}={a.what.get(k, '-')}" for k in differ if k != key) or "-"
+        cells = [key, a.what.get(key, "-"), b.what.get(key, "-"), where, str(result.n)]
+        cells += ["-" if result.mean is None else f"{result.mean:+.4f}"]
+        cells += [interval(result.low, result.high)]
+        cells += ["-" if result.p is None else f"{result.p:.3g}", result.verdict]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+METHOD = (
+    "Replicates: runs whose params, readout and data are equal but for the training seed "
+    "(`train.seed`; a run from before it, or with it null, trained from `seed`). A seed run "
+    "twice counts once. 95 % CI: Student t over the seeds (`scipy.stats.t.interval`, "
+    "mean ± t(0.975, n-1)·sd/√n). Paired comparisons: the runs of two groups with the same "
+    "training seed, on the same test images; the difference of their test accuracies, the "
+    "two-sided paired t-test (`scipy.stats.ttest_rel`) and its 95 % CI; real at 95 % when p < "
+    "0.05. With 1,000 test images one accuracy near 0.95 has a standard error of about 0.007."
+)
+
+
 def table(runs: list[Run], best_val: dict[str, float]) -> str:
     keys = sorted({k for run in runs for k in run.data.params})
     differ = [k for k in keys if len({run.data.params.get(k) for run in runs}) > 1]
-    header = ["run", "readout", "dvc exp", "dirty", *differ, "test acc", "best val acc"]
-    header += ["train s", "samples/s", "peak RSS MiB", "params hash"]
+    differ = [k for k in differ if k != "train.seed"]  # the column "train seed" says it
+    header = ["run", "readout", "dvc exp", "dirty", *differ, "train seed", "test acc"]
+    header += ["best val acc", "train s", "samples/s", "peak RSS MiB", "replicate_of"]
+    header += ["params hash"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def number(run: Run, key: str, fmt: str) -> str:
@@ -88,13 +270,18 @@ def table(runs: list[Run], best_val: dict[str, float]) -> str:
 
     ordered = sorted(runs, key=lambda r: -r.data.metrics.get("test_accuracy", -1.0))
     for run in ordered:
+        params = run.data.params
         cells = [f"`{run.info.run_id[:8]}` {run.info.run_name}", run.data.tags.get("readout", "-")]
         cells += [run.data.tags.get("dvc.exp_name", ""), dirty(run)]
         cells += [run.data.params.get(k, "-") for k in differ]
+        cells += [tracking.effective_seed(run.data.params)]
         val = best_val.get(run.info.run_id)
         cells += [number(run, "test_accuracy", ".4f"), "-" if val is None else f"{val:.4f}"]
         cells += [number(run, "train_seconds", ".1f"), number(run, "samples_per_second", ",.0f")]
-        cells += [number(run, "peak_rss_mib", ",.0f"), f"`{tracking.params_hash(run.data.params)}`"]
+        cells += [number(run, "peak_rss_mib", ",.0f")]
+        tags = run.data.tags
+        key = tracking.replicate_key(params, tags.get("readout", "?"), tags.get("data.sha256", ""))
+        cells += [f"`{key}`", f"`{tracking.params_hash(params)}`"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -115,32 +302,34 @@ def plot_curves(client: MlflowClient, runs: list[Run], path: Path) -> dict[str, 
     right.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.25
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    right.legend(fontsize="x-small", loc="lower right")
+    if best_val:  # else no run has a curve to name
+        right.legend(fontsize="x-small", loc="lower right")
     save(fig, path, dpi=110)
     return best_val
 
 
-def plot_cell_by_order(runs: list[Run], path: Path) -> None:
-    best: dict[tuple[str, str], float] = {}
-    for run in runs:
-        if (acc := run.data.metrics.get("test_accuracy")) is not None:
-            key = (
-                run.data.params.get("model.cell", "?"),
-                run.data.params.get("sequence.order", "?"),
-            )
-            best[key] = max(best.get(key, 0.0), acc)
+def plot_cell_by_order(groups: list[Group], path: Path) -> None:
+    """Per model.cell x sequence.order, the mean test accuracy of its best group (configuration),
+    with the 95 % interval over its seeds as an error bar and n under the bar."""
+    best: dict[tuple[str, str], Summary] = {}
+    for group in groups:  # best first
+        key = (group.what.get("model.cell", "?"), group.what.get("sequence.order", "?"))
+        best.setdefault(key, group.summary())
     cells = sorted({c for c, _ in best})
     orders = sorted({o for _, o in best})
     fig, ax = plt.subplots(figsize=(max(5, 2 * len(orders) + 2), 4))
     width = 0.8 / max(1, len(cells))
     for i, cell in enumerate(cells):
-        xs = [j + i * width for j, o in enumerate(orders) if (cell, o) in best]
-        ys = [best[cell, o] for o in orders if (cell, o) in best]
-        bars = ax.bar(xs, ys, width, label=cell)
-        ax.bar_label(bars, fmt="%.3f", fontsize="x-small")
+        found = [(j, best[cell, o]) for j, o in enumerate(orders) if (cell, o) in best]
+        xs = [j + i * width for j, _ in found]
+        ys = [s.mean for _, s in found]
+        errors = [0.0 if s.high is None else s.high - s.mean for _, s in found]
+        bars = ax.bar(xs, ys, width, yerr=errors, capsize=3, label=cell)
+        ax.bar_label(bars, [f"{s.mean:.3f}\nn={s.n}" for _, s in found], fontsize="x-small")
     ax.set_xticks([j + width * (len(cells) - 1) / 2 for j in range(len(orders))], orders)
-    ax.set(ylim=(0, 1.05), ylabel="best test accuracy", title="model.cell x sequence.order")
-    ax.legend(fontsize="small")
+    ax.set(ylim=(0, 1.1), ylabel="mean test accuracy (95 % CI)")
+    ax.set_title("model.cell x sequence.order: best configuration, over its seeds", fontsize=10)
+    ax.legend(fontsize="small", loc="lower right")
     save(fig, path, dpi=110)
 
 
@@ -157,9 +346,12 @@ def main(argv: list[str] | None = None) -> None:
     runs = find_runs(client, args.experiment or store.EXPERIMENT, args.runs, args.exp)
     with atomic_path(args.out, directory=True) as tmp:
         best_val = plot_curves(client, runs, tmp / "curves.png")
-        plot_cell_by_order(runs, tmp / "cell_by_order.png")
+        groups = group_replicates(runs)
+        plot_cell_by_order(groups, tmp / "cell_by_order.png")
         (tmp / "report.md").write_text(
-            f"# {len(runs)} runs\n\n{table(runs, best_val)}\n"
+            f"# {len(runs)} runs\n\n## Replicates\n\n{replicates_table(groups)}\n"
+            f"## Paired comparisons\n\n{paired_table(groups)}\n{METHOD}\n\n"
+            f"## Runs\n\n{table(runs, best_val)}\n"
             "![curves](curves.png)\n\n![cell by order](cell_by_order.png)\n"
         )
     for run in runs if args.exp or args.runs else []:

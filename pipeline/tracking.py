@@ -38,6 +38,37 @@ def params_hash(params: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
 
 
+# Logged params left out of a replicate key: the replicate axis (train.seed), and those that cannot
+# change a trained model (which readouts a run's siblings trained, the registry, a download's
+# timeout, how often batch metrics are logged).
+NOT_REPLICATE = ("train.seed", "readouts", "data.timeout", "train.log_every_n_batches")
+
+
+def replicate_params(params: dict[str, str]) -> dict[str, str]:
+    """The logged params that make runs replicates of each other when equal."""
+    return {
+        k: v for k, v in params.items() if k not in NOT_REPLICATE and not k.startswith("registry.")
+    }
+
+
+def replicate_key(params: dict[str, str], readout: str, data_sha256: str) -> str:
+    """Names a configuration up to the training seed: runs with the same key are replicates.
+
+    The readout and the prepared data (the data.sha256 tag: with data.source auto, one params set
+    can mean the full data or the bundled subset) count; train.seed does not. Computed from the
+    logged params, so that runs from before train.seed group too (their seed is the training seed).
+    """
+    what = {**replicate_params(params), "readout": readout, "data.sha256": data_sha256}
+    return params_hash(what)
+
+
+def effective_seed(params: dict[str, str]) -> str:
+    """The seed training drew from, as logged: train.seed, else (null, or a run from before the
+    param) the top-level seed."""
+    seed = params.get("train.seed", "None")
+    return params.get("seed", "?") if seed == "None" else seed
+
+
 # What a run depends on besides its data (data.sha256 names that; DVC-tracked outputs are made,
 # not inputs): a change to these since git.commit means the commit alone cannot reproduce the run.
 SOURCES = {"params": ("params.yaml",), "code": ("pipeline/*.py", "dvc.yaml", "pyproject.toml")}

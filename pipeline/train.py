@@ -5,6 +5,8 @@ and the per-batch and per-epoch curves as CSV under logs/<readout>/ for `dvc plo
 MLflow gets every param, the tags, `batch_accuracy`/`batch_loss` (the accuracy and loss of that
 one batch, not Keras's running mean), per-epoch accuracy/loss/val_accuracy/val_loss, and the model.
 A killed run resumes from checkpoints/<readout>/ into the same MLflow run.
+Initial weights and batch shuffling are drawn from the training seed (train.seed, or seed when it is
+null); the run is tagged with it and with replicate_of, which names its configuration without it.
 Params: seed, model, train.
 """
 
@@ -74,7 +76,7 @@ def fit(
 
     Calls save() after every epoch, and after the current batch when stop() turns true.
     """
-    cfg, seed = params.train, params.seed
+    cfg, seed = params.train, params.train_seed
     x_train, y_train = data["x_train"], data["y_train"]
 
     while state.epoch < cfg.epochs:
@@ -133,7 +135,7 @@ def train(readout: str) -> None:
     _, steps, features = data["x_train"].shape
 
     keras.config.disable_interactive_logging()  # no progress bars from predict() calls
-    keras.utils.set_random_seed(params.seed)
+    keras.utils.set_random_seed(params.train_seed)  # weights (and dropout, had the model any)
     tf.config.experimental.enable_op_determinism()
     m = params.model
     model = build_model(
@@ -165,9 +167,16 @@ def train_locked(
     fp = checkpoint.fingerprint(params, readout, meta["sha256"])
     state, stale_run = checkpoint.start_or_resume(ckpt_path, fp, model, optimizer)
     tracking.mark_killed(stale_run)  # its params or data changed: it can never be finished
+    flat = params.flat()
     tags = tracking.run_tags(readout, meta) | {"model.cell": m.cell}
+    tags |= {  # as logged: replicate_key reads the str params that report reads back
+        "replicate_of": tracking.replicate_key(
+            {k: str(v) for k, v in flat.items()}, readout, meta["sha256"]
+        ),
+        "train.seed": str(params.train_seed),
+    }
     run_name = f"{m.cell}-{meta['order']}-{readout}"
-    with tracking.run(experiment_id, state.run_id, run_name, params.flat(), tags) as run_id:
+    with tracking.run(experiment_id, state.run_id, run_name, flat, tags) as run_id:
         state.run_id = run_id
         log = tracking.MetricBuffer(run_id)
         log.restore(state.pending)

@@ -65,13 +65,13 @@ def test_every_key_must_be_in_the_file() -> None:
 @pytest.mark.parametrize(
     ("old", "new", "line"),
     [
-        ("\n  lr_schedule:", "\n   lr_schedule:", "line 29 is indented deeper than line 28, "),
+        ("\n  lr_schedule:", "\n   lr_schedule:", "line 30 is indented deeper than line 29, "),
         (
-            "\n  lr:",
-            "\n   lr:",
+            "\n  seed:",  # train.seed, the first of its block
+            "\n   seed:",
             "line 29 is indented 2 spaces, but the lines of its block are indented 3 \\(from line 28\\)",
         ),
-        ("\n  epochs:", "\nepochs:", "line 34 is indented deeper than line 33, "),
+        ("\n  epochs:", "\nepochs:", "line 35 is indented deeper than line 34, "),
     ],
 )
 def test_broken_indentation_is_blamed_on_its_own_line(

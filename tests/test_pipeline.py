@@ -32,12 +32,13 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline import params as P
-from pipeline import store
+from pipeline import store, tracking
 from pipeline.model import build_model
 from pipeline.train import epoch_batches
 
 SMALL = {"data": {"source": "bundled"}, "train": {"epochs": 1}}
-TEMP_OVERRIDES = ("-S", "readouts=[state_h]", "-S", "train.lr=0.002")
+# train.seed = seed trains exactly as train.seed null (the later tests' champion stays the same)
+TEMP_OVERRIDES = ("-S", "readouts=[state_h]", "-S", "train.lr=0.002", "-S", "train.seed=42")
 
 pytestmark = pytest.mark.slow
 
@@ -244,6 +245,12 @@ def test_temp_experiment_lands_in_the_root_store(repo: Path, client: MlflowClien
     assert parent.data.tags["dvc.exp_name"] == run.data.tags["dvc.exp_name"]
     assert run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == "0.002"
+    assert run.data.params["train.seed"] == run.data.tags["train.seed"] == "42"  # -S: an int
+    workspace = run_of(repo, client, "state_h").data
+    assert workspace.params["train.seed"] == "None" and workspace.tags["train.seed"] == "42"
+    replicate = {**workspace.params, "train.lr": "0.002"}  # what the key leaves out may differ
+    key = tracking.replicate_key(replicate, "state_h", workspace.tags["data.sha256"])
+    assert run.data.tags["replicate_of"] == key != workspace.tags["replicate_of"]
     assert run.data.tags["dvc.exp_name"]
     # In the temp copy git sees the -S params over the baseline; DVC commits them: not dirty.
     assert run.data.tags["git.dirty"] == "false"

@@ -5,8 +5,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import call_stage, one_error
-from mlflow.entities import Metric
+from helpers import REPRO, call_stage, call_stages, one_error, write_params
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from pipeline import report
@@ -65,6 +65,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]
     return uri, ids
 
 
+def runs_header(report_md: str) -> str:
+    """The header line of the report's table of runs."""
+    lines = report_md.splitlines()
+    return lines[lines.index("## Runs") + 2]
+
+
 def run_report(uri: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return call_stage("report", cwd, *args, env={"MLFLOW_TRACKING_URI": uri})
 
@@ -78,7 +84,7 @@ def test_report_tabulates_every_finished_run_with_the_params_that_differ(
     text = (tmp_path / "reports/experiments/report.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert len(rows) == 4  # the unfinished run and the comparison's parent run are left out
-    header = text.splitlines()[2]
+    header = runs_header(text)
     assert "model.cell" in header and "sequence.order" in header
     assert "train.lr" not in header  # the same in every run
     # best test accuracy first; best val accuracy from the full history, not the last epoch
@@ -87,6 +93,13 @@ def test_report_tabulates_every_finished_run_with_the_params_that_differ(
     assert "| 0.9500 | 0.9600 | 12.5 | - | - |" in lstm_rows
     hashes = {row.split("|")[-2].strip() for row in rows}
     assert len(hashes) == 4  # every run's params differ
+    # four configurations of one run each: no interval, and none differs from another in one thing
+    assert text.count("| one run: no interval | - |") == 4
+    # runs with no seed param (as from before any): paired on that one unknown seed
+    assert (
+        "| model.cell | gru | lstm | sequence.order=rows, readout=state_h | 1 | +0.0200 |" in text
+    )
+    assert text.count("one pair: no test") == 2  # and lstm on rows vs on pixels
     assert rows[-1].startswith(f"| `{ids['simple_rnn-pixels'][:8]}`")
     for png in ("curves.png", "cell_by_order.png"):
         data = (tmp_path / "reports/experiments" / png).read_bytes()
@@ -99,7 +112,7 @@ def test_chosen_runs_only(store: tuple[str, dict[str, str]], tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr
     text = (tmp_path / "reports/experiments/report.md").read_text()
     assert text.startswith("# 2 runs")
-    assert "model.cell" not in text.splitlines()[2]  # both are LSTMs
+    assert "model.cell" not in runs_header(text)  # both are LSTMs
 
 
 def test_the_full_metric_history_is_read(store: tuple[str, dict[str, str]]) -> None:
@@ -167,3 +180,133 @@ def test_the_table_names_each_runs_dvc_experiment_and_marks_a_dirty_workspace(
         ],
         f"`{ids['gru-rows'][:8]}` gru-rows-state_h": ["state_h", "exp-gru-rows", "?"],
     }
+
+
+def test_a_confidence_interval_on_fixed_numbers() -> None:
+    """mean 0.95, sd 0.0158 over 5 seeds; t(0.975, 4) = 2.776 from any table of the t distribution."""
+    s = report.summarize([0.95, 0.96, 0.97, 0.94, 0.93])
+    sd = (0.001 / 4) ** 0.5  # squared deviations 0, 1, 4, 1, 4 (x 1e-4), over n - 1
+    half = 2.776 * sd / 5**0.5
+    assert (s.n, s.mean, s.sd) == (5, pytest.approx(0.95), pytest.approx(sd))
+    assert s.low == pytest.approx(0.95 - half, abs=1e-5)
+    assert s.high == pytest.approx(0.95 + half, abs=1e-5)
+    assert report.summarize([0.9]) == (1, 0.9, None, None, None)  # one run: no interval
+    assert report.summarize([0.9, 0.9]) == (2, 0.9, 0.0, 0.9, 0.9)
+
+
+def test_a_paired_comparison_with_a_hand_checked_p_value() -> None:
+    """Differences 0.01, 0.01, 0.02: mean 1/75, sd 0.00577, t = 4 on 2 degrees of freedom. With 2
+    degrees of freedom the t distribution's tail is closed-form: P(|T| > t) = 1 - t / sqrt(2 + t²)."""
+    result = report.paired([0.96, 0.95, 0.97], [0.95, 0.94, 0.95])
+    assert result.n == 3 and result.mean == pytest.approx(0.04 / 3)
+    assert result.p == pytest.approx(1 - 4 / 18**0.5)  # 0.0572
+    half = 4.303 * (0.01 / 3) / 1  # t(0.975, 2) = 4.303; sd / sqrt(3) = 0.00333
+    assert result.low == pytest.approx(0.04 / 3 - half, abs=1e-5)
+    assert result.high == pytest.approx(0.04 / 3 + half, abs=1e-5)
+    assert result.verdict == "not distinguishable from noise"
+    real = report.paired([0.98, 0.97, 0.99], [0.95, 0.94, 0.95])  # 0.03, 0.03, 0.04: t = 10
+    assert real.p == pytest.approx(1 - 10 / 102**0.5)  # 0.0099
+    assert real.verdict == "real at 95 %"
+
+
+def test_identical_readouts_and_too_few_pairs_say_so_instead_of_a_p_value() -> None:
+    same = report.paired([0.96, 0.95, 0.97], [0.96, 0.95, 0.97])
+    assert same == (3, 0.0, 0.0, 0.0, None, "identical in every seed")
+    assert report.paired([0.96], [0.95]).verdict == "one pair: no test"
+    assert report.paired([], []).verdict == "no seed in common"
+    assert report.paired([0.96, 0.97], [0.95, 0.96]).p is None  # the same gain in both seeds
+
+
+# (readout, model.cell, train.seed as logged (None: a run from before the param), test accuracy)
+REPLICATES = [
+    ("state_h", "lstm", None, 0.950),  # from before train.seed: its seed, 42, trained it
+    ("state_h", "lstm", "1", 0.960),
+    ("state_h", "lstm", "2", 0.940),
+    ("state_h", "lstm", "2", 0.940),  # seed 2 again (a rerun): no new replicate
+    ("output_last", "lstm", None, 0.950),
+    ("output_last", "lstm", "1", 0.960),
+    ("output_last", "lstm", "2", 0.940),
+    ("state_h", "gru", "None", 0.970),  # train.seed null: seed 42 trained it
+    ("state_h", "gru", "1", 0.975),
+    ("state_h", "gru", "2", 0.972),
+]
+
+
+def test_runs_that_differ_only_in_the_training_seed_form_one_group(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment(S.EXPERIMENT, (tmp_path / "mlruns").as_uri())
+    for i, (readout, cell, seed, accuracy) in enumerate(
+        [*REPLICATES, ("state_h", "lstm", "3", 0.5)]
+    ):
+        params = {"seed": "42", "model.cell": cell, "train.lr": "0.001"}
+        params |= {} if seed is None else {"train.seed": seed}
+        # what cannot change a model differs freely; the last run is on other data (data.source
+        # auto fell back to the bundled digits): not a replicate of any
+        params |= {"readouts": f"['{readout}']", "registry.min_improvement": str(i / 100)}
+        tags = {"readout": readout, "data.sha256": "b" * 64 if i == len(REPLICATES) else "a" * 64}
+        run = client.create_run(experiment, start_time=1000 + i, tags=tags)
+        client.log_batch(
+            run.info.run_id,
+            metrics=[Metric("test_accuracy", accuracy, 0, 0)],
+            params=[Param(k, v) for k, v in params.items()],
+        )
+        client.set_terminated(run.info.run_id, "FINISHED")
+    runs = report.find_runs(client, S.EXPERIMENT, [], [])
+    groups = {
+        (g.what["readout"], g.what["model.cell"], g.what["data.sha256"][0]): g
+        for g in report.group_replicates(runs)
+    }
+    assert len(groups) == 4
+    lstm = groups["state_h", "lstm", "a"]
+    assert list(lstm.by_seed) == ["1", "2", "42"] and lstm.reruns == 1
+    assert list(groups["state_h", "gru", "a"].by_seed) == ["1", "2", "42"]
+    assert list(groups["state_h", "lstm", "b"].by_seed) == ["3"]
+    assert lstm.summary().mean == pytest.approx(0.95)
+    pairs = {
+        (key, a.what[key], b.what[key]) for key, a, b in report.comparable(list(groups.values()))
+    }
+    # not lstm output_last vs gru state_h (two differences), nor any with the other data
+    assert pairs == {("model.cell", "gru", "lstm"), ("readout", "state_h", "output_last")}
+
+    done = run_report(uri, tmp_path)
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "reports/experiments/report.md").read_text()
+    replicates = text[text.index("## Replicates") : text.index("## Paired")]
+    lstm_row = "| lstm | aaaaaaaa | state_h | 3 | 1, 2, 42 (+1 reruns left out) | 0.9500 |"
+    assert lstm_row + " [0.9252, 0.9748] | 0.0100 |" in replicates  # 0.95 ± 4.303 * 0.01 / √3
+    assert "| lstm | bbbbbbbb | state_h | 1 | 3 | 0.5000 | one run: no interval | - |" in replicates
+    paired = text[text.index("## Paired") : text.index("## Runs")]
+    rows = {line.split("|")[1].strip(): line for line in paired.splitlines()[4:] if line[:1] == "|"}
+    assert "| 3 | +0.0000 | [0.0000, 0.0000] | - | identical in every seed |" in rows["readout"]
+    assert "| gru | lstm | readout=state_h | 3 | +0.0223 |" in rows["model.cell"]
+    assert runs_header(text).startswith("| run | readout | dvc exp | dirty | model.cell |")
+    assert "| train seed |" in runs_header(text) and "train.seed |" not in runs_header(text)
+
+
+@pytest.mark.slow
+def test_three_seeds_trained_on_the_bundled_digits_give_n_3_and_an_interval(tmp_path: Path) -> None:
+    """fetch and preprocess once, then train, evaluate and compare under train.seed 1, 2, 3 (one
+    tiny epoch each, in this process), as `dvc exp run --queue -S train.seed=1,2,3` would; then the
+    report (which leaves compare's parent runs out)."""
+    small = {"data": {"source": "bundled"}, "readouts": ["state_h"]}
+    small |= {"model": {"input_units": 8, "units": 8}}
+    write_params(tmp_path, small)
+    call_stages(tmp_path, REPRO[:2], {})  # fetch, preprocess
+    for seed in (1, 2, 3):
+        write_params(tmp_path, small | {"train": {"epochs": 1, "seed": seed}})
+        call_stages(tmp_path, REPRO[2:5], {})  # train, evaluate, compare
+        compare_md = (tmp_path / "reports/compare/compare.md").read_text()
+        assert f"seed 42, train.seed {seed}\n\nOne training seed per readout, so no " in compare_md
+    done = run_report(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "reports/experiments/report.md").read_text()
+    (row,) = [line for line in text.splitlines() if line.startswith("| state_h | 3 | 1, 2, 3 |")]
+    mean, ci, sd = (cell.strip() for cell in row.split("|")[4:7])
+    low, high = (float(x) for x in ci.strip("[]").split(", "))
+    assert low < float(mean) < high and float(sd) > 0  # three seeds, three different models
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = report.find_runs(client, S.EXPERIMENT, [], [])
+    assert sorted(run.data.tags["train.seed"] for run in runs) == ["1", "2", "3"]
+    assert len({run.data.tags["replicate_of"] for run in runs}) == 1
+    assert row.endswith(f"| `{runs[0].data.tags['replicate_of']}` |")

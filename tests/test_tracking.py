@@ -514,3 +514,30 @@ def test_a_table_logged_again_is_replaced_not_appended(isolated: Path) -> None:
     assert table.to_dict("list") == {"class": [0, 1], "accuracy": [0.75, 1], "run_id": [run_id] * 2}
     tags = MlflowClient().get_run(run_id).data.tags
     assert json.loads(tags["mlflow.loggedArtifacts"]) == [{"path": "t.json", "type": "table"}]
+
+
+def test_the_replicate_key_leaves_out_the_training_seed_and_what_cannot_change_a_model() -> None:
+    logged = {"seed": "42", "model.cell": "lstm", "train.lr": "0.001", "train.seed": "1"}
+    key = tracking.replicate_key(logged, "state_h", "a" * 64)
+    others = {
+        "train.seed": "2",
+        "readouts": "['state_h', 'output_last']",
+        "registry.name": "rnn-x",
+        "registry.min_improvement": "0.01",
+        "data.timeout": "5",
+        "train.log_every_n_batches": "10",
+    }
+    for name, value in others.items():
+        assert tracking.replicate_key(logged | {name: value}, "state_h", "a" * 64) == key, name
+    old = {k: v for k, v in logged.items() if k != "train.seed"}  # from before train.seed
+    assert tracking.replicate_key(old, "state_h", "a" * 64) == key
+    assert tracking.effective_seed(old) == "42"
+    assert tracking.effective_seed(logged | {"train.seed": "None"}) == "42"  # null: seed
+    assert tracking.effective_seed(logged) == "1"
+    for changed in (
+        tracking.replicate_key(logged | {"seed": "7"}, "state_h", "a" * 64),  # other data split
+        tracking.replicate_key(logged | {"train.lr": "0.01"}, "state_h", "a" * 64),
+        tracking.replicate_key(logged, "output_last", "a" * 64),
+        tracking.replicate_key(logged, "state_h", "b" * 64),  # other data, the same params
+    ):
+        assert changed != key

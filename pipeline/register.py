@@ -404,7 +404,7 @@ def decision_line(record: dict) -> str:
         version += " (not known whether from a clean commit)"
     elif dirty != "false":
         version += f" (from a dirty workspace: {dirty}, diff {diff[:12]})"
-    reason = record["reason"] + ("" if record["paired_test"] else "; no paired test")
+    reason = record["reason"] + ("; no paired test" if record["paired_test"] is None else "")
     if record["decision"] == "champion":
         return f"register: {version} is the champion: {reason}"
     return f"register: {version} is the challenger, v{record['champion']} stays champion: {reason}"

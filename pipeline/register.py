@@ -117,7 +117,11 @@ def logged_predictions(client: MlflowClient, run_id: str) -> np.ndarray | None:
 
 
 def champion_predictions(
-    client: MlflowClient, name: str, champion: ModelVersion, test_sha: str, test: dict
+    client: MlflowClient,
+    name: str,
+    champion: ModelVersion,
+    test_sha: str,
+    test: dict[str, np.ndarray],
 ) -> tuple[np.ndarray, str]:
     """The champion's class for each of this run's test images, and where they came from.
 

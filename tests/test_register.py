@@ -14,13 +14,13 @@ from typing import NamedTuple
 import mlflow
 import numpy as np
 import pytest
-from helpers import log_small_image_model, working_in
+from helpers import committed_params, log_small_image_model, params_dict, working_in
 from mlflow.tracking import MlflowClient
 
 from pipeline import params as P
 from pipeline import register, tracking
 from pipeline.io import save_npz, write_json
-from pipeline.stage import DataError
+from pipeline.stage import DataError, ParamsError
 
 N = 1000  # test images, as many as the bundled subset has
 
@@ -126,6 +126,15 @@ def test_the_test_of_no_discordant_image_and_of_three_out_of_three() -> None:
     worse = better.copy()
     worse[:3] = (labels[:3] + 1) % 10
     assert register.mcnemar(worse, better, labels).p_value == 0.25  # 2 * (1/2)**3
+
+
+def test_registry_alpha_is_a_level_above_0_up_to_1() -> None:
+    assert "  alpha: 0.05 " in committed_params()  # the documented default, in params.yaml
+    for alpha in (1.0, 0.05, 1e-6):
+        assert P.parse(params_dict({"registry": {"alpha": alpha}})).registry.alpha == alpha
+    for alpha in (0, -0.1, 1.5):
+        with pytest.raises(ParamsError, match=r"registry\.alpha"):
+            P.parse(params_dict({"registry": {"alpha": alpha}}))
 
 
 def test_the_first_model_becomes_champion(registry: Registry) -> None:

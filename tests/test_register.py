@@ -14,7 +14,15 @@ from typing import NamedTuple
 import mlflow
 import numpy as np
 import pytest
-from helpers import committed_params, log_small_image_model, params_dict, working_in
+from helpers import (
+    call_stage,
+    committed_params,
+    log_small_image_model,
+    one_error,
+    params_dict,
+    working_in,
+    write_params,
+)
 from mlflow.tracking import MlflowClient
 
 from pipeline import params as P
@@ -247,6 +255,24 @@ def test_stale_predictions_stop_register_with_one_line(
     predicted[900:] = (labels[900:] + 1) % 10
     save_npz(path, **{"class": predicted})
     assert np.array_equal(register.challenger_predictions("state_h", labels), predicted)
+
+
+def test_the_stage_stops_at_stale_predictions_with_one_line_and_writes_nothing(
+    isolated: Path,
+) -> None:
+    write_params(isolated, {"readouts": ["state_h"]})
+    x_test = np.zeros((20, 28, 28), np.uint8)
+    save_npz(isolated / "data/raw/dataset.npz", x_test=x_test, y_test=np.arange(20) % 10)
+    write_json(isolated / "eval/state_h/metrics.json", {"test_accuracy": 0.9})
+    save_npz(isolated / "eval/state_h/predictions.npz", **{"class": np.zeros(10, np.uint8)})
+    out = call_stage("register", isolated)
+    assert out.returncode == 2
+    assert one_error(out) == (
+        "error: eval/state_h/predictions.npz: 10 classes, but metrics.json says 0.9000 on 20 test "
+        "images: not from the same evaluation; run the evaluate stage again "
+        "(dvc repro -f -s evaluate)"
+    )
+    assert not (isolated / "reports").exists() and not (isolated / "mlflow.db").exists()
 
 
 DIFF = "3fa2c1d0e4b5" + "7" * 52

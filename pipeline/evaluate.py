@@ -1,6 +1,8 @@
 """Stage 4, evaluate (once per readout): models/<readout>/ + test set -> eval/<readout>/.
 
 Writes metrics.json (test loss and accuracy, read by `dvc metrics show/diff` and `dvc exp show`),
+predictions.npz (the class predicted for each test image, in test-set order: what register pairs
+with the champion's, and logs into the run so that a later register finds the champion's),
 per_class.csv (accuracy per class) and confusion.csv (one row per test image), both for
 `dvc plots show`, and confusion.png; logs the same into the MLflow run that train opened (the
 accuracy per class as the table per_class.json, not ten metrics that crowd the charts).
@@ -16,10 +18,10 @@ import numpy as np
 
 from pipeline import params as P
 from pipeline import store, tracking
-from pipeline.io import load_npz, read_json, write_csv, write_json
+from pipeline.io import load_npz, read_json, save_npz, write_csv, write_json
 from pipeline.model import load_model, score
 from pipeline.plots import plt, save
-from pipeline.stage import EVAL, MODELS, PREPARED, need_space, run_stage
+from pipeline.stage import EVAL, MODELS, PREDICTIONS, PREPARED, need_space, run_stage
 
 PER_CLASS = "per_class.json"  # the MLflow table artifact
 
@@ -59,6 +61,7 @@ def evaluate(readout: str) -> None:
     per_class = per_class_accuracy(matrix)
     out = EVAL / readout
     write_json(out / "metrics.json", {"test_accuracy": accuracy, "test_loss": loss})
+    save_npz(out / PREDICTIONS, **{"class": predicted.astype(np.uint8)})  # classes 0-9
     write_csv(out / "per_class.csv", ["class", "accuracy"], enumerate(per_class.tolist()))
     write_csv(
         out / "confusion.csv", ["actual", "predicted"], np.column_stack([y, predicted]).tolist()
@@ -74,6 +77,7 @@ def evaluate(readout: str) -> None:
             run["run_id"], table | {"images": matrix.sum(axis=1).tolist()}, PER_CLASS
         )
         mlflow.log_artifact(str(out / "confusion.png"))
+        mlflow.log_artifact(str(out / PREDICTIONS))
         mlflow.log_dict({"actual_by_predicted": matrix.tolist()}, "confusion_matrix.json")
     print(f"evaluate {readout}: test accuracy {accuracy:.4f}, loss {loss:.4f}")
 

@@ -103,6 +103,7 @@ class RegistryParams(_Section):
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
     )  # None: rnn-<dataset>
     min_improvement: float = Field(0.0, ge=0, le=1)  # test accuracy a challenger must gain
+    alpha: float = Field(0.05, gt=0, le=1)  # its gain must be real: McNemar p <= alpha
 
     def model_name(self, dataset: str) -> str:
         """The registered model: one per dataset, so models of two datasets never compete."""

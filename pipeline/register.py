@@ -4,9 +4,12 @@ Each trained readout's network is logged as an image model (pipeline/packaging.p
 PNG/JPEG files in, class probabilities out) and registered as a new version of `registry.name`
 (default rnn-<dataset>), tagged with its training run's tags (data, commit, a dirty workspace)
 and its test accuracy. The best version of this run becomes alias `challenger`. It becomes
-`champion` only if it beats the current champion by more than registry.min_improvement in test
-accuracy on this run's test images (the champion is scored again when it was tested on other
-images), and a model trained on the bundled subset never displaces one trained on full-size data. Every decision is printed, tagged on the versions and written to
+`champion` only if, on this run's test images, it beats the current champion's test accuracy by at
+least registry.min_improvement and an exact McNemar test on the two models' paired per-image
+predictions says the gain is real at registry.alpha (the champion's predictions are those its run
+logged when it was tested on the same images, else it is scored again); and a model trained on the
+bundled subset never displaces one trained on full-size data. Every decision, with the test's
+counts, p-value and the gain's interval, is printed, tagged on the challenger and written to
 reports/registry.json. A rerun registers nothing twice: versions are found by their run id.
 Params: readouts, registry.
 """
@@ -15,15 +18,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import random
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import mlflow
 import numpy as np
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from scipy import stats
 
 from pipeline import params as P
 from pipeline import store, tracking
@@ -32,10 +39,12 @@ from pipeline.packaging import image_model, sequence_index
 from pipeline.stage import (
     EVAL,
     MODELS,
+    PREDICTIONS,
     PREPARED,
     RAW,
     REGISTRY,
     ConfigError,
+    DataError,
     need_space,
     run_stage,
 )
@@ -45,6 +54,8 @@ LOCK_NOTE = (
     "held while a register stage decides the champion, deleted after; one left by a killed stage "
     f"is removed after {STALE_LOCK // 60} minutes, or delete it in the Models page"
 )
+# The paired test of the last decision, on the challenger (removed when a decision had none)
+TEST_TAGS = ("test_images", "mcnemar_b", "mcnemar_c", "p_value", "gain", "gain_ci95")
 
 
 def log_image_model(
@@ -61,9 +72,120 @@ def log_image_model(
     return info.model_uri
 
 
-def accuracy(model_uri: str, images: np.ndarray, labels: np.ndarray) -> float:
-    predicted = mlflow.pyfunc.load_model(model_uri).predict(images.astype(np.float32))["class"]
-    return float(np.mean(predicted == labels))
+def classes(model_uri: str, images: np.ndarray) -> np.ndarray:
+    """The class an image model predicts for each image."""
+    return np.asarray(
+        mlflow.pyfunc.load_model(model_uri).predict(images.astype(np.float32))["class"]
+    )
+
+
+def counts_as(predicted: np.ndarray, labels: np.ndarray, accuracy: float) -> bool:
+    """Whether these are predictions for these labels that score `accuracy` (to one image)."""
+    if predicted.shape != labels.shape:
+        return False
+    return abs(float(np.mean(predicted == labels)) - accuracy) < 0.5 / len(labels)
+
+
+def challenger_predictions(readout: str, labels: np.ndarray) -> np.ndarray:
+    """The classes evaluate predicted for this run's test images, checked against its metrics."""
+    path = EVAL / readout / PREDICTIONS
+    if not path.is_file():
+        raise DataError(f"{path}: not found; run the evaluate stage again (dvc repro)")
+    predicted = load_npz(path, ("class",))["class"]
+    tested = float(read_json(EVAL / readout / "metrics.json")["test_accuracy"])
+    if not counts_as(predicted, labels, tested):
+        same = predicted.shape == labels.shape
+        scored = f" scoring {np.mean(predicted == labels):.4f}" if same else ""
+        raise DataError(
+            f"{path}: {predicted.size:,} classes{scored}, "
+            f"but metrics.json says {tested:.4f} on {labels.size:,} test images: not from the "
+            "same evaluation; run the evaluate stage again (dvc repro -f -s evaluate)"
+        )
+    return predicted
+
+
+def logged_predictions(client: MlflowClient, run_id: str) -> np.ndarray | None:
+    """The predictions evaluate logged into a run, or None if it has none."""
+    try:
+        if PREDICTIONS not in {f.path for f in client.list_artifacts(run_id)}:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run_id, PREDICTIONS, tmp)
+            return load_npz(path, ("class",))["class"]
+    except (MlflowException, DataError):  # no such run, or an unreadable file: score it again
+        return None
+
+
+def champion_predictions(
+    client: MlflowClient,
+    name: str,
+    champion: ModelVersion,
+    test_sha: str,
+    test: dict[str, np.ndarray],
+) -> tuple[np.ndarray, str]:
+    """The champion's class for each of this run's test images, and where they came from.
+
+    Tested on the same images: the predictions its run logged (those its test_accuracy counts).
+    Tested on other images, or its run has none (evaluated before evaluate logged them): its
+    registered model scores this run's images again.
+    """
+    labels = test["y_test"]
+    if champion.tags.get("test_data.sha256") == test_sha:
+        logged = logged_predictions(client, champion.tags.get("run_id", ""))
+        if logged is not None and counts_as(logged, labels, float(champion.tags["test_accuracy"])):
+            return logged, "the same test images"
+    predicted = classes(f"models:/{name}/{champion.version}", test["x_test"])
+    return predicted, f"champion re-scored on this run's {len(labels):,} test images"
+
+
+def gain_interval(b: int, c: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The interval for the gain in accuracy of paired predictions, (c - b) / n.
+
+    Agresti and Min's (Statistics in Medicine, 2005): the Wald interval of the difference of two
+    paired proportions after adding 1/2 to each of the four cells of the 2x2 table, so n + 2 in
+    all. Unlike the plain Wald interval it keeps a width when b + c is 0 and covers close to the
+    level for small counts. b: right only by the champion, c: right only by the challenger.
+    """
+    b_, c_, n_ = b + 0.5, c + 0.5, n + 2
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    d = (c_ - b_) / n_
+    half = z * math.sqrt((b_ + c_) - (c_ - b_) ** 2 / n_) / n_
+    return d - half, d + half
+
+
+class Paired(NamedTuple):
+    """Challenger against champion, image by image on the same test images."""
+
+    n: int  # test images
+    b: int  # right only by the champion
+    c: int  # right only by the challenger
+    p_value: float  # exact McNemar: c of the b + c discordant images, against a fair coin
+    challenger: float  # accuracies
+    champion: float
+    gain: float  # challenger - champion = (c - b) / n
+    ci95: tuple[float, float]
+
+    def record(self) -> dict:
+        """As reports/registry.json holds it."""
+        return {
+            "test_images": self.n,
+            "mcnemar_b": self.b,
+            "mcnemar_c": self.c,
+            "p_value": self.p_value,
+            "challenger_accuracy": self.challenger,
+            "champion_accuracy": self.champion,
+            "gain": self.gain,
+            "gain_ci95": list(self.ci95),
+        }
+
+
+def mcnemar(champion: np.ndarray, challenger: np.ndarray, labels: np.ndarray) -> Paired:
+    """The exact McNemar test and the gain's interval for two models' classes of these images."""
+    old, new = champion == labels, challenger == labels
+    b, c, n = int(np.sum(old & ~new)), int(np.sum(new & ~old)), len(labels)
+    p = float(stats.binomtest(c, b + c, 0.5).pvalue) if b + c else 1.0
+    accuracies = float(new.mean()), float(old.mean())
+    return Paired(n, b, c, p, *accuracies, (c - b) / n, gain_interval(b, c, n))
 
 
 def decide(
@@ -71,36 +193,40 @@ def decide(
     name: str,
     challenger: ModelVersion,
     test: dict[str, np.ndarray],
+    predicted: np.ndarray,
     margin: float,
-) -> tuple[bool, str]:
-    """Whether the challenger becomes champion, and why."""
+    alpha: float,
+) -> tuple[bool, str, Paired | None]:
+    """Whether the challenger, which predicted these classes of the test images, becomes
+    champion; why; and the paired test, if one was made."""
     try:
         champion = client.get_model_version_by_alias(name, "champion")
     except MlflowException:
-        return True, "first model: there was no champion"
+        return True, "first model: there was no champion", None
     if champion.version == challenger.version:
-        return True, "already the champion"
+        return True, "already the champion", None
     new, old = challenger.tags, champion.tags
     if new["data.source"] == "bundled" and old["data.source"] != "bundled":
-        return False, (
+        why = (
             f"trained on the bundled subset, while champion v{champion.version} was trained on "
             f"full-size data ({old['data.source']}): a subset never displaces it"
         )
-    if old.get("test_data.sha256") == new["test_data.sha256"]:
-        old_accuracy, basis = float(old["test_accuracy"]), "the same test images"
-    else:  # tested on other images: score it again on this run's, so like is compared with like
-        old_accuracy = accuracy(
-            f"models:/{name}/{champion.version}", test["x_test"], test["y_test"]
-        )
-        basis = f"champion re-scored on this run's {len(test['y_test']):,} test images"
-    gain = float(new["test_accuracy"]) - old_accuracy
+        return False, why, None
+    # Tested on other images, the champion is scored again on this run's: like with like
+    others, basis = champion_predictions(client, name, champion, new["test_data.sha256"], test)
+    t = mcnemar(others, predicted, test["y_test"])
+    low, high = t.ci95
     versus = (
-        f"test accuracy {float(new['test_accuracy']):.4f} vs champion v{champion.version}'s "
-        f"{old_accuracy:.4f} ({basis})"
+        f"test accuracy {t.challenger:.4f} vs champion v{champion.version}'s {t.champion:.4f} "
+        f"({basis}); of {t.n:,} images {t.c} right only by the challenger, {t.b} only by the "
+        f"champion: exact McNemar p {t.p_value:.3g}, gain {t.gain:+.4f} "
+        f"(95% CI {low:+.4f} to {high:+.4f})"
     )
-    if gain > 0 and gain >= margin:
-        return True, f"{versus}: better by {gain:.4f}"
-    return False, f"{versus}: not better by more than registry.min_improvement {margin}"
+    if not (t.gain > 0 and t.gain >= margin):
+        return False, f"{versus}: not better by more than registry.min_improvement {margin}", t
+    if t.p_value > alpha:
+        return False, f"{versus}: p > registry.alpha {alpha}, the gain may be noise", t
+    return True, f"{versus}: better by {t.gain:.4f}, p <= registry.alpha {alpha}", t
 
 
 def register(
@@ -228,17 +354,31 @@ def settle(
     name: str,
     versions: list[ModelVersion],
     test: dict[str, np.ndarray],
-    margin: float,
+    predictions: dict[str, np.ndarray],
+    registry: P.RegistryParams,
 ) -> dict:
-    """Set the aliases and the decision tags; return the record for reports/registry.json."""
+    """Set the aliases and the decision tags; return the record for reports/registry.json.
+    predictions: each readout's classes of the test images (challenger_predictions)."""
     challenger = max(versions, key=lambda v: float(v.tags["test_accuracy"]))
     client.set_registered_model_alias(name, "challenger", challenger.version)
-    takes, reason = decide(client, name, challenger, test, margin)
+    predicted = predictions[challenger.tags["readout"]]
+    takes, reason, t = decide(
+        client, name, challenger, test, predicted, registry.min_improvement, registry.alpha
+    )
     if takes:
         client.set_registered_model_alias(name, "champion", challenger.version)
     decision = "champion" if takes else "challenger"
     client.set_model_version_tag(name, challenger.version, "registry.decision", decision)
     client.set_model_version_tag(name, challenger.version, "registry.reason", reason)
+    paired = None if t is None else t.record()
+    for key in TEST_TAGS:
+        tag = f"registry.{key}"
+        if paired is not None:
+            value = paired[key]  # the interval as "low,high"
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            client.set_model_version_tag(name, challenger.version, tag, text)
+        elif tag in challenger.tags:  # from an earlier decision
+            client.delete_model_version_tag(name, challenger.version, tag)
     for other in (v for v in versions if v.version != challenger.version):
         why = f"v{challenger.version} of the same run is the challenger (the best, or first)"
         client.set_model_version_tag(name, other.version, "registry.decision", "none")
@@ -250,6 +390,9 @@ def settle(
         "champion": int(client.get_model_version_by_alias(name, "champion").version),
         "decision": decision,
         "reason": reason,
+        "paired_test": paired,  # None: first model, already champion, or a subset's challenger
+        "min_improvement": registry.min_improvement,
+        "alpha": registry.alpha,
         # Whether the challenger's run came from git.commit as committed (tracking.git_state);
         # unknown also for a version registered before runs were tagged so.
         "challenger_dirty": challenger.tags.get("git.dirty", "unknown"),
@@ -265,18 +408,18 @@ def decision_line(record: dict) -> str:
         version += " (not known whether from a clean commit)"
     elif dirty != "false":
         version += f" (from a dirty workspace: {dirty}, diff {diff[:12]})"
+    reason = record["reason"] + ("; no paired test" if record["paired_test"] is None else "")
     if record["decision"] == "champion":
-        return f"register: {version} is the champion: {record['reason']}"
-    return (
-        f"register: {version} is the challenger, v{record['champion']} stays champion: "
-        f"{record['reason']}"
-    )
+        return f"register: {version} is the champion: {reason}"
+    return f"register: {version} is the challenger, v{record['champion']} stays champion: {reason}"
 
 
 def main() -> None:
     params = P.load()
     name = params.registry.model_name(params.data.dataset)
     test = load_npz(RAW / "dataset.npz", ("x_test", "y_test"))
+    # Checked before anything is registered: a stale file stops the stage with nothing half-done
+    predictions = {r: challenger_predictions(r, test["y_test"]) for r in params.readouts}
     uri = store.tracking_uri()
     # Each version's image model holds its network (as big as model.keras) and ~200 KB more
     networks = sum(
@@ -293,7 +436,7 @@ def main() -> None:
         versions = register_readouts(client, name, params, test)
     # Parallel experiments, on one machine or many, must not both take the champion alias.
     with decision_lock(client, uri, name):
-        record = settle(client, name, versions, test, params.registry.min_improvement)
+        record = settle(client, name, versions, test, predictions, params.registry)
     print(decision_line(record))
     write_json(REGISTRY, record)
 

@@ -117,8 +117,15 @@ def test_register_makes_two_versions_and_a_champion_and_reruns_register_nothing_
         )
         assert tags["data.source"] == "bundled" and len(tags["git.commit"]) == 40
         assert len(tags["params_hash"]) == 10 and len(tags["test_data.sha256"]) == 64
+        # evaluate's classes of the test images, in eval/ and in the run, for a later decision
+        with np.load(repo / "eval" / readout / "predictions.npz", allow_pickle=False) as npz:
+            predicted = npz["class"]
+        with np.load(repo / "data/raw/dataset.npz", allow_pickle=False) as raw:
+            assert np.mean(predicted == raw["y_test"]) == metrics["test_accuracy"]
+        assert "predictions.npz" in {f.path for f in client.list_artifacts(run_id)}
     champion = client.get_model_version_by_alias("rnn-mnist", "champion")
     assert champion.tags["registry.reason"] == "first model: there was no champion"
+    assert "registry.p_value" not in champion.tags and registry["paired_test"] is None
     assert client.get_model_version_by_alias("rnn-mnist", "challenger").version == champion.version
     count = len(versions)
     out = call_stage("register", repo)  # this stage alone, again
@@ -256,6 +263,12 @@ def test_temp_experiment_lands_in_the_root_store(repo: Path, client: MlflowClien
     assert run.data.tags["git.dirty"] == "false"
     assert "test_accuracy" in run.data.metrics  # evaluate found the run that train opened
     assert run.info.artifact_uri.startswith((repo / "mlruns").as_uri())
+    # Its register decided on the paired test, with the predictions the champion's run logged
+    (version,) = client.search_model_versions(
+        f"name = 'rnn-mnist' and run_id = '{run.info.run_id}'"
+    )
+    assert version.tags["registry.test_images"] == "1000", version.tags
+    assert "(the same test images); of 1,000 images" in version.tags["registry.reason"]
     query = f"source_run_id = '{run.info.run_id}'"
     logged_models = client.search_logged_models([experiment_id], filter_string=query)
     assert sorted(m.name for m in logged_models) == ["image_model", "model"]  # train's, register's

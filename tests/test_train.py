@@ -111,32 +111,32 @@ def test_a_crash_marks_the_run_failed_and_keeps_the_checkpoint(
     assert not (isolated / "models").exists()
 
 
-def test_train_seed_draws_the_weights_and_the_shuffle_but_not_the_data(tmp_path: Path) -> None:
+def test_train_seed_draws_the_weights_and_the_shuffle_but_not_the_data(isolated: Path) -> None:
     """Replicates (-S train.seed=1,2,...) share the split and pixel order, so they are paired on
     the same images; train.seed null trains exactly as before the param, from seed."""
     rng = np.random.default_rng(0)
     raw = {"x_train": rng.integers(0, 256, (100, 28, 28)), "y_train": np.arange(100) % 10}
     raw |= {"x_test": rng.integers(0, 256, (30, 28, 28)), "y_test": np.arange(30) % 10}
-    save_npz(tmp_path / "data/raw/dataset.npz", **{k: v.astype(np.uint8) for k, v in raw.items()})
-    write_json(tmp_path / "data/raw/source.json", {"source": "bundled", "dataset": "mnist"})
+    save_npz(isolated / "data/raw/dataset.npz", **{k: v.astype(np.uint8) for k, v in raw.items()})
+    write_json(isolated / "data/raw/source.json", {"source": "bundled", "dataset": "mnist"})
     order = {"sequence": {"order": "permuted_pixels"}}  # the permutation is drawn from seed too
     prepared = []
     for train_seed in (1, 2):
-        write_params(tmp_path, order | {"train": {"seed": train_seed}})
-        assert call_stage("preprocess", tmp_path).returncode == 0
-        prepared.append((tmp_path / "data/prepared/sequences.npz").read_bytes())
+        write_params(isolated, order | {"train": {"seed": train_seed}})
+        assert call_stage("preprocess", isolated).returncode == 0
+        prepared.append((isolated / "data/prepared/sequences.npz").read_bytes())
     assert prepared[0] == prepared[1]
 
-    write_prepared(tmp_path)  # 20 random sequences of 28 steps: quick to train on
+    write_prepared(isolated)  # 20 random sequences of 28 steps: quick to train on
     tiny = {"model": {"input_units": 8, "units": 8}, "readouts": ["state_h"]}
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    data = load_npz(tmp_path / "data/prepared/sequences.npz", ("x_train", "y_train"))
+    client = MlflowClient(f"sqlite:///{isolated / 'mlflow.db'}")
+    data = load_npz(isolated / "data/prepared/sequences.npz", ("x_train", "y_train"))
     runs = {}
     for train_seed in (None, 7):
-        write_params(tmp_path, tiny | {"train": {"epochs": 1, "batch_size": 8, "seed": train_seed}})
-        out = call_stage("train", tmp_path, "--readout", "state_h")
+        write_params(isolated, tiny | {"train": {"epochs": 1, "batch_size": 8, "seed": train_seed}})
+        out = call_stage("train", isolated, "--readout", "state_h")
         assert out.returncode == 0, out.stderr
-        run_id = json.loads((tmp_path / "models/state_h/run.json").read_text())["run_id"]
+        run_id = json.loads((isolated / "models/state_h/run.json").read_text())["run_id"]
         run = runs[train_seed] = client.get_run(run_id)
         # the first batch's loss, recomputed: initial weights and first shuffle from that seed
         seed = 42 if train_seed is None else train_seed

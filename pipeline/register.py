@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
 
 import mlflow
 import numpy as np
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from scipy import stats
 
 from pipeline import params as P
 from pipeline import store, tracking
@@ -48,6 +45,7 @@ from pipeline.stage import (
     need_space,
     run_stage,
 )
+from pipeline.stats import McNemar, mcnemar
 
 STALE_LOCK = 600  # seconds: a decision takes seconds; a lock this old was left by a killed stage
 LOCK_NOTE = (
@@ -138,56 +136,6 @@ def champion_predictions(
     return predicted, f"champion re-scored on this run's {len(labels):,} test images"
 
 
-def gain_interval(b: int, c: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """The interval for the gain in accuracy of paired predictions, (c - b) / n.
-
-    Agresti and Min's (Statistics in Medicine, 2005): the Wald interval of the difference of two
-    paired proportions after adding 1/2 to each of the four cells of the 2x2 table, so n + 2 in
-    all. Unlike the plain Wald interval it keeps a width when b + c is 0 and covers close to the
-    level for small counts. b: right only by the champion, c: right only by the challenger.
-    """
-    b_, c_, n_ = b + 0.5, c + 0.5, n + 2
-    z = float(stats.norm.ppf(0.5 + level / 2))
-    d = (c_ - b_) / n_
-    half = z * math.sqrt((b_ + c_) - (c_ - b_) ** 2 / n_) / n_
-    return d - half, d + half
-
-
-class Paired(NamedTuple):
-    """Challenger against champion, image by image on the same test images."""
-
-    n: int  # test images
-    b: int  # right only by the champion
-    c: int  # right only by the challenger
-    p_value: float  # exact McNemar: c of the b + c discordant images, against a fair coin
-    challenger: float  # accuracies
-    champion: float
-    gain: float  # challenger - champion = (c - b) / n
-    ci95: tuple[float, float]
-
-    def record(self) -> dict:
-        """As reports/registry.json holds it."""
-        return {
-            "test_images": self.n,
-            "mcnemar_b": self.b,
-            "mcnemar_c": self.c,
-            "p_value": self.p_value,
-            "challenger_accuracy": self.challenger,
-            "champion_accuracy": self.champion,
-            "gain": self.gain,
-            "gain_ci95": list(self.ci95),
-        }
-
-
-def mcnemar(champion: np.ndarray, challenger: np.ndarray, labels: np.ndarray) -> Paired:
-    """The exact McNemar test and the gain's interval for two models' classes of these images."""
-    old, new = champion == labels, challenger == labels
-    b, c, n = int(np.sum(old & ~new)), int(np.sum(new & ~old)), len(labels)
-    p = float(stats.binomtest(c, b + c, 0.5).pvalue) if b + c else 1.0
-    accuracies = float(new.mean()), float(old.mean())
-    return Paired(n, b, c, p, *accuracies, (c - b) / n, gain_interval(b, c, n))
-
-
 def decide(
     client: MlflowClient,
     name: str,
@@ -196,7 +144,7 @@ def decide(
     predicted: np.ndarray,
     margin: float,
     alpha: float,
-) -> tuple[bool, str, Paired | None]:
+) -> tuple[bool, str, McNemar | None]:
     """Whether the challenger, which predicted these classes of the test images, becomes
     champion; why; and the paired test, if one was made."""
     try:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,16 +32,15 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
-from scipy import stats
 
 from pipeline import store, tracking
 from pipeline.io import atomic_path
 from pipeline.plots import moving_mean, plt, save
 from pipeline.stage import EXPERIMENTS, ConfigError, run_stage
+from pipeline.stats import Summary, paired, summarize
 
 SMOOTH = 25  # batches in the moving average of the batch-accuracy curves
 TRAINED = "tags.readout IS NOT NULL"  # a trained model's run, not a comparison's parent run
-LEVEL = 0.95  # of every confidence interval, and 1 - LEVEL the p-value that counts as real
 
 
 def find_runs(
@@ -86,60 +84,6 @@ def dirty(run: Run) -> str:
     differed (params, code), or ? when not known (no git, or a run from before the tag)."""
     state = run.data.tags.get("git.dirty", "unknown")
     return {"false": "", "unknown": "?"}.get(state, state)
-
-
-class Summary(NamedTuple):
-    """Test accuracy over the seeds of one group."""
-
-    n: int
-    mean: float
-    sd: float | None  # None for one run
-    low: float | None  # the 95 % interval of the mean; None for one run
-    high: float | None
-
-
-def summarize(values: Sequence[float]) -> Summary:
-    """Mean, sd and the Student-t 95 % confidence interval of the mean (scipy.stats.t.interval)."""
-    n, mean = len(values), float(np.mean(values))
-    if n < 2:
-        return Summary(n, mean, None, None, None)
-    sd = float(np.std(values, ddof=1))
-    if sd == 0:  # t.interval of a zero scale is nan; every seed gave this very value
-        return Summary(n, mean, 0.0, mean, mean)
-    low, high = stats.t.interval(LEVEL, n - 1, loc=mean, scale=sd / np.sqrt(n))
-    return Summary(n, mean, sd, float(low), float(high))
-
-
-class Paired(NamedTuple):
-    """a - b over the seeds both have."""
-
-    n: int
-    mean: float | None  # None: no seed in common
-    low: float | None
-    high: float | None
-    p: float | None  # paired t-test (scipy.stats.ttest_rel); None where no test applies
-    verdict: str
-
-
-def paired(a: Sequence[float], b: Sequence[float]) -> Paired:
-    """The paired comparison of a and b (same seed at each index): the mean difference a - b, its
-    95 % interval and the two-sided p-value of the paired t-test, and what they say in words."""
-    diff = np.subtract(a, b, dtype=np.float64)
-    n = len(diff)
-    if n == 0:
-        return Paired(0, None, None, None, None, "no seed in common")
-    mean = float(diff.mean())
-    if not diff.any():
-        return Paired(n, 0.0, 0.0, 0.0, None, "identical in every seed")
-    if n < 2:
-        return Paired(n, mean, None, None, None, "one pair: no test")
-    if np.all(diff == diff[0]):  # no spread: t is infinite, scipy's p is nan
-        return Paired(n, mean, mean, mean, None, f"the same difference in all {n} seeds: no test")
-    test = stats.ttest_rel(a, b)
-    ci = test.confidence_interval(LEVEL)
-    p = float(test.pvalue)
-    verdict = "real at 95 %" if p < 1 - LEVEL else "not distinguishable from noise"
-    return Paired(n, mean, float(ci.low), float(ci.high), p, verdict)
 
 
 class Group(NamedTuple):

@@ -26,7 +26,7 @@ from helpers import (
 from mlflow.tracking import MlflowClient
 
 from pipeline import params as P
-from pipeline import register, tracking
+from pipeline import register, stats, tracking
 from pipeline.io import save_npz, write_json
 from pipeline.stage import DataError, ParamsError
 
@@ -88,7 +88,7 @@ class Registry(NamedTuple):
 
     def decide(
         self, challenger, predicted: np.ndarray, margin: float = 0.0, alpha: float = 0.05
-    ) -> tuple[bool, str, register.Paired | None]:
+    ) -> tuple[bool, str, stats.McNemar | None]:
         test = self.test
         return register.decide(self.client, self.name, challenger, test, predicted, margin, alpha)
 
@@ -100,40 +100,6 @@ def registry(store, request: pytest.FixtureRequest) -> Registry:
     client = MlflowClient()
     client.create_registered_model(name)
     return Registry(client, name, *store)
-
-
-def test_the_mcnemar_test_and_the_gain_interval_on_a_hand_checked_table() -> None:
-    # 1,000 images: 10 right only by the champion (b), 25 only by the challenger (c).
-    labels = np.arange(N) % 10
-    right_old, right_new = np.zeros(N, bool), np.zeros(N, bool)
-    right_old[:900], right_new[:890] = True, True  # 890 right by both
-    right_new[900:925] = True
-    old, new = (np.where(r, labels, (labels + 3) % 10) for r in (right_old, right_new))
-    t = register.mcnemar(old, new, labels)
-    assert (t.n, t.b, t.c) == (1000, 10, 25)
-    assert (t.champion, t.challenger, t.gain) == (0.900, 0.915, 0.015)
-    # Exact McNemar: c of b + c = 35 discordant images under Binomial(35, 1/2), two-sided; the
-    # distribution is symmetric, so twice the lower tail P(X <= 10).
-    exact = 2 * sum(math.comb(35, k) for k in range(11)) / 2**35
-    assert t.p_value == pytest.approx(exact, rel=1e-12)
-    assert t.p_value == pytest.approx(0.0166738, rel=1e-5)
-    # Agresti-Min: 1/2 added to each cell, so b = 10.5, c = 25.5 of n = 1002; z = 1.959964.
-    d, var = 15 / 1002, (36 - 15**2 / 1002) / 1002**2
-    expected = (d - 1.959963984540054 * math.sqrt(var), d + 1.959963984540054 * math.sqrt(var))
-    assert t.ci95 == pytest.approx(expected, rel=1e-9)
-    assert t.ci95 == pytest.approx((0.0032704, 0.0266697), abs=1e-7)
-
-
-def test_the_test_of_no_discordant_image_and_of_three_out_of_three() -> None:
-    labels = np.arange(N) % 10
-    same = register.mcnemar(labels, labels, labels)
-    assert (same.b, same.c, same.p_value, same.gain) == (0, 0, 1.0, 0.0)
-    low, high = same.ci95  # still a width: 1/2 in each discordant cell
-    assert low == pytest.approx(-high) and high == pytest.approx(1.959964 / 1002, rel=1e-6)
-    better = labels.copy()
-    worse = better.copy()
-    worse[:3] = (labels[:3] + 1) % 10
-    assert register.mcnemar(worse, better, labels).p_value == 0.25  # 2 * (1/2)**3
 
 
 def test_registry_alpha_is_a_level_above_0_up_to_1() -> None:
@@ -309,7 +275,7 @@ def test_the_decision_says_when_the_challenger_came_from_a_dirty_workspace(
         "challenger_accuracy": 0.95,
         "champion_accuracy": 0.9,
         "gain": 0.05,
-        "gain_ci95": list(register.gain_interval(5, 55, 1000)),
+        "gain_ci95": list(stats.gain_interval(5, 55, 1000)),
     }
     assert record == {
         "name": registry.name,
@@ -327,7 +293,7 @@ def test_the_decision_says_when_the_challenger_came_from_a_dirty_workspace(
         "challenger_diff_sha256": git.get("git.diff_sha256", ""),
     }
     tags = registry.client.get_model_version(registry.name, "2").tags
-    low, high = register.gain_interval(5, 55, 1000)
+    low, high = stats.gain_interval(5, 55, 1000)
     assert {k: v for k, v in tags.items() if k.startswith("registry.")} == {
         "registry.decision": "champion",
         "registry.reason": record["reason"],

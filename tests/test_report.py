@@ -182,41 +182,6 @@ def test_the_table_names_each_runs_dvc_experiment_and_marks_a_dirty_workspace(
     }
 
 
-def test_a_confidence_interval_on_fixed_numbers() -> None:
-    """mean 0.95, sd 0.0158 over 5 seeds; t(0.975, 4) = 2.776 from any table of the t distribution."""
-    s = report.summarize([0.95, 0.96, 0.97, 0.94, 0.93])
-    sd = (0.001 / 4) ** 0.5  # squared deviations 0, 1, 4, 1, 4 (x 1e-4), over n - 1
-    half = 2.776 * sd / 5**0.5
-    assert (s.n, s.mean, s.sd) == (5, pytest.approx(0.95), pytest.approx(sd))
-    assert s.low == pytest.approx(0.95 - half, abs=1e-5)
-    assert s.high == pytest.approx(0.95 + half, abs=1e-5)
-    assert report.summarize([0.9]) == (1, 0.9, None, None, None)  # one run: no interval
-    assert report.summarize([0.9, 0.9]) == (2, 0.9, 0.0, 0.9, 0.9)
-
-
-def test_a_paired_comparison_with_a_hand_checked_p_value() -> None:
-    """Differences 0.01, 0.01, 0.02: mean 1/75, sd 0.00577, t = 4 on 2 degrees of freedom. With 2
-    degrees of freedom the t distribution's tail is closed-form: P(|T| > t) = 1 - t / sqrt(2 + t²)."""
-    result = report.paired([0.96, 0.95, 0.97], [0.95, 0.94, 0.95])
-    assert result.n == 3 and result.mean == pytest.approx(0.04 / 3)
-    assert result.p == pytest.approx(1 - 4 / 18**0.5)  # 0.0572
-    half = 4.303 * (0.01 / 3) / 1  # t(0.975, 2) = 4.303; sd / sqrt(3) = 0.00333
-    assert result.low == pytest.approx(0.04 / 3 - half, abs=1e-5)
-    assert result.high == pytest.approx(0.04 / 3 + half, abs=1e-5)
-    assert result.verdict == "not distinguishable from noise"
-    real = report.paired([0.98, 0.97, 0.99], [0.95, 0.94, 0.95])  # 0.03, 0.03, 0.04: t = 10
-    assert real.p == pytest.approx(1 - 10 / 102**0.5)  # 0.0099
-    assert real.verdict == "real at 95 %"
-
-
-def test_identical_readouts_and_too_few_pairs_say_so_instead_of_a_p_value() -> None:
-    same = report.paired([0.96, 0.95, 0.97], [0.96, 0.95, 0.97])
-    assert same == (3, 0.0, 0.0, 0.0, None, "identical in every seed")
-    assert report.paired([0.96], [0.95]).verdict == "one pair: no test"
-    assert report.paired([], []).verdict == "no seed in common"
-    assert report.paired([0.96, 0.97], [0.95, 0.96]).p is None  # the same gain in both seeds
-
-
 # (readout, model.cell, train.seed as logged (None: a run from before the param), test accuracy)
 REPLICATES = [
     ("state_h", "lstm", None, 0.950),  # from before train.seed: its seed, 42, trained it

@@ -22,8 +22,10 @@ from pipeline import datasets
 # The longest modules first (minutes each: real `dvc repro`, servers, queues), so that neither
 # worker starts one of them near the end while the other has nothing left (pyproject.toml runs
 # modules in this order: --no-loadscope-reorder). The quick modules then fill both workers.
-LONGEST_FIRST = ("test_team", "test_users", "test_server", "test_pipeline", "test_resume")
-LONGEST_FIRST += ("test_refusals", "test_concurrency", "test_migrate", "test_tracking_load")
+# Ranked by the summed --durations of a full run (2026-12-01).
+LONGEST_FIRST = ("test_resume", "test_refusals", "test_pipeline", "test_concurrency", "test_server")
+LONGEST_FIRST += ("test_users", "test_team", "test_checkpoint", "test_tracking_load", "test_report")
+LONGEST_FIRST += ("test_disk_full", "test_migrate", "test_train", "test_fastrnn", "test_tracking")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -195,7 +195,7 @@ METHOD = (
     "mean ± t(0.975, n-1)·sd/√n). Paired comparisons: the runs of two groups with the same "
     "training seed, on the same test images; the difference of their test accuracies, the "
     "two-sided paired t-test (`scipy.stats.ttest_rel`) and its 95 % CI; real at 95 % when p < "
-    "0.05. With 1,000 test images one accuracy near 0.95 has a standard error of about 0.007."
+    "0.05 (each test on its own: with many comparisons, some pass by chance; 1 in 20 at 0.05)."
 )
 
 

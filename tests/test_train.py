@@ -16,7 +16,7 @@ from helpers import (
 )
 from mlflow.tracking import MlflowClient
 
-from pipeline import store
+from pipeline import store, tracking
 from pipeline import train as T
 from pipeline.io import load_npz, save_npz, write_json
 from pipeline.model import build_model, score
@@ -129,24 +129,27 @@ def test_train_seed_draws_the_weights_and_the_shuffle_but_not_the_data(isolated:
 
     write_prepared(isolated)  # 20 random sequences of 28 steps: quick to train on
     tiny = {"model": {"input_units": 8, "units": 8}, "readouts": ["state_h"]}
+    config = tiny | {"train": {"epochs": 1, "batch_size": 8}}
+    write_params(isolated, config | {"train": config["train"] | {"seed": 7}})
+    out = call_stage("train", isolated, "--readout", "state_h")
+    assert out.returncode == 0, out.stderr
+    run_id = json.loads((isolated / "models/state_h/run.json").read_text())["run_id"]
     client = MlflowClient(f"sqlite:///{isolated / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    # The first batch's loss, recomputed from seed 7's initial weights and first shuffle, and not
+    # from seed 42's (what a null train.seed trains from).
     data = load_npz(isolated / "data/prepared/sequences.npz", ("x_train", "y_train"))
-    runs = {}
-    for train_seed in (None, 7):
-        write_params(isolated, tiny | {"train": {"epochs": 1, "batch_size": 8, "seed": train_seed}})
-        out = call_stage("train", isolated, "--readout", "state_h")
-        assert out.returncode == 0, out.stderr
-        run_id = json.loads((isolated / "models/state_h/run.json").read_text())["run_id"]
-        run = runs[train_seed] = client.get_run(run_id)
-        # the first batch's loss, recomputed: initial weights and first shuffle from that seed
-        seed = 42 if train_seed is None else train_seed
+    losses = {}
+    for seed in (7, 42):
         first = epoch_batches(20, 8, seed, 0)[0]
         keras.utils.set_random_seed(seed)
         model = build_model(28, 28, "lstm", "state_h", 8, 8)
-        loss, _, _ = score(model, data["x_train"][first], data["y_train"][first])
-        (logged,) = [m for m in client.get_metric_history(run_id, "batch_loss") if m.step == 0]
-        assert logged.value == pytest.approx(loss, rel=1e-5)
-        assert run.data.tags["train.seed"] == str(seed)
-    assert runs[None].data.params["train.seed"] == "None" and runs[7].data.params["seed"] == "42"
-    assert runs[None].data.tags["replicate_of"] == runs[7].data.tags["replicate_of"]
-    assert runs[None].data.metrics["batch_loss"] != runs[7].data.metrics["batch_loss"]
+        losses[seed], _, _ = score(model, data["x_train"][first], data["y_train"][first])
+    (logged,) = [m for m in client.get_metric_history(run_id, "batch_loss") if m.step == 0]
+    assert logged.value == pytest.approx(losses[7], rel=1e-5) != losses[42]
+    assert run.data.tags["train.seed"] == run.data.params["train.seed"] == "7"
+    assert run.data.params["seed"] == "42" and make_params(config).train_seed == 42
+    # A null train.seed run of the same config is a replicate of this one: the same key.
+    null = {k: str(v) for k, v in make_params(config).flat().items()}
+    key = tracking.replicate_key(null, "state_h", run.data.tags["data.sha256"])
+    assert run.data.tags["replicate_of"] == key

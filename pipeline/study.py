@@ -23,7 +23,9 @@ import difflib
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import optuna
+from filelock import FileLock, Timeout
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -168,13 +171,13 @@ def suggest(trial: optuna.Trial, key: str, entry: dict[str, Any]) -> Any:
     return suggest_number(key, entry["low"], entry["high"], log=entry.get("log", False))
 
 
-def make_sampler(space: Space) -> optuna.samplers.BaseSampler:
+def make_sampler(space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
     if space.sampler == "grid":
         grid = {key: entry["choices"] for key, entry in space.params.items()}
-        return optuna.samplers.GridSampler(grid, seed=space.seed)
+        return optuna.samplers.GridSampler(grid, seed=seed)
     if space.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=space.seed)
-    return optuna.samplers.TPESampler(seed=space.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def open_study(name: str, space: Space, url: str, heartbeat: int) -> tuple[optuna.Study, bool]:
@@ -182,14 +185,18 @@ def open_study(name: str, space: Space, url: str, heartbeat: int) -> tuple[optun
     quiet()
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
     db = storage(url, heartbeat_interval=heartbeat, heartbeat_stale_trial_callback=retry)
-    kwargs = {"study_name": name, "storage": db, "sampler": make_sampler(space)}
-    kwargs |= {"pruner": pruner(space.pruner)}
+    kwargs = {"study_name": name, "storage": db, "pruner": pruner(space.pruner)}
     try:
-        study = optuna.create_study(direction=OBJECTIVES[space.objective], **kwargs)
+        sampler = make_sampler(space, space.seed)
+        study = optuna.create_study(
+            direction=OBJECTIVES[space.objective], sampler=sampler, **kwargs
+        )
         study.set_user_attr("space", space.model_dump())
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(**kwargs)
+        # A joiner's sampler draws from fresh entropy: with the study's seed, its first draws
+        # would repeat the creator's. (A study is reproducible from its seed with one worker.)
+        study = optuna.load_study(sampler=make_sampler(space, None), **kwargs)
     stored = study.user_attrs.get("space")
     if stored is not None and stored != json.loads(json.dumps(space.model_dump())):
         raise ParamsError(
@@ -282,6 +289,38 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def trial_lock(exp: str) -> FileLock:
+    """Held by the worker that runs trial exp; the kernel releases it when the worker dies."""
+    path = Path(".dvc/tmp/study") / f"{exp}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path)
+
+
+def clean_killed_trials(name: str) -> None:
+    """Remove this clone's temporary copies of study trials whose worker was killed: DVC would
+    list each as Running for ever (`dvc exp show`), and keep its copy of the repository."""
+    from dvc.repo import Repo
+    from dvc.repo.experiments.executor.base import ExecutorInfo
+
+    with Repo(".") as repo:
+        queue = repo.experiments.tempdir_queue
+        for entry in list(queue.iter_active()):
+            if not (entry.name or "").startswith(f"{name}-"):
+                continue
+            lock = trial_lock(entry.name)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue  # its worker is running it
+            try:
+                infofile = Path(queue.get_infofile_path(entry.stash_rev))
+                shutil.rmtree(ExecutorInfo.load_json(str(infofile)).root_dir, ignore_errors=True)
+                shutil.rmtree(infofile.parent, ignore_errors=True)
+                print(f"study {name}: removed {entry.name}'s temporary copy: its worker was killed")
+            finally:
+                lock.release()
+
+
 def objective_for(
     study: optuna.Study, space: Space, url: str, run_id: str | None, target: int
 ) -> typing.Callable[[optuna.Trial], float]:
@@ -293,6 +332,7 @@ def objective_for(
         values = {key: suggest(trial, key, entry) for key, entry in space.params.items()}
         exp = f"{study.study_name}-{trial.number}"
         trial.set_user_attr("dvc.exp_name", exp)
+        trial.set_user_attr("worker", f"{socket.gethostname()} {os.getpid()}")
         sets = space.set | values | {"readouts": [space.readout]}
         env = os.environ | {
             ENV: Trial(
@@ -312,15 +352,16 @@ def objective_for(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
         )
         start = time.monotonic()
-        done = subprocess.run(
-            command,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            preexec_fn=_die_with_parent,
-            check=False,
-        )
+        with trial_lock(exp):  # held while its temporary copy exists: see clean_killed_trials
+            done = subprocess.run(
+                command,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                preexec_fn=_die_with_parent,
+                check=False,
+            )
         seconds = time.monotonic() - start
         if done.returncode != 0:
             tail = "\n".join(done.stdout.strip().splitlines()[-12:])
@@ -353,6 +394,7 @@ def work(
     objective = objective_for(study, space, url, run_id, target)
     failures = 0
     while True:
+        clean_killed_trials(study.study_name)
         optuna.storages.fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
         states = [t.state for t in trials]
@@ -484,7 +526,11 @@ def main(argv: list[str] | None = None) -> None:
         finish(study, space, run_id)
         return
     print(f"study {args.name}: {'started' if created else 'joined'} in {redact(url)}")
-    work(study, space, url, run_id, args.trials or space.trials, args.heartbeat)
+    try:
+        work(study, space, url, run_id, args.trials or space.trials, args.heartbeat)
+    except KeyboardInterrupt:  # Ctrl-C: Optuna has marked the running trial FAIL
+        print(f"study {args.name}: worker interrupted; its trial runs again in the next worker")
+        sys.exit(130)
     if run_id:
         MlflowClient().set_terminated(run_id, "FINISHED")
     print(summary(study, space) + f"; next: python -m pipeline.study {args.name} --finish")

@@ -9,11 +9,13 @@ here runs, and Optuna is never imported.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.stage import ConfigError
@@ -63,6 +65,18 @@ def storage(url: str, **kwargs: object) -> optuna.storages.RDBStorage:
         raise ConfigError(f"study storage {redact(url)}: {first}") from None
 
 
+def running(pid: int) -> bool:
+    """Whether process pid runs; a killed one that its parent has not reaped yet does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError):  # no /proc (macOS): os.kill's answer stands
+        return stat.read_text().rpartition(")")[2].split()[0] != "Z"  # Z: a zombie
+    return True
+
+
 @functools.cache
 def _study(name: str, url: str, pruner_name: str) -> optuna.Study:
     import optuna
@@ -103,15 +117,12 @@ class Trial:
         import optuna
 
         state = trial.study._storage.get_trial(self.trial_id).state
-        try:
-            os.kill(self.worker_pid, 0)
-            alive = True
-        except ProcessLookupError:
-            alive = False
+        alive = running(self.worker_pid)
         if not alive or state != optuna.trial.TrialState.RUNNING:
             import mlflow
 
-            mlflow.set_tag("study.state", "FAIL")  # the run itself ends FAILED
+            if mlflow.active_run():
+                mlflow.set_tag("study.state", "FAIL")  # the run itself ends FAILED
             why = "has stopped" if not alive else f"no longer runs it (state {state.name})"
             raise ConfigError(
                 f"trial {self.number} of study {self.study!r}: its worker (pid {self.worker_pid}) "
@@ -123,7 +134,7 @@ class Trial:
         trial = self._optuna()
         self.check_owner(trial)
         trial.report(row[self.objective], epoch)
-        return not last and trial.should_prune()
+        return not last and bool(trial.should_prune())
 
     def done(self, run_id: str, row: dict[str, float], epochs: int, pruned: bool) -> None:
         """What the worker reads back: the scores, the MLflow run, whether it was pruned."""

@@ -37,6 +37,8 @@ from mlflow.tracking import MlflowClient
 from ruamel.yaml import YAML
 
 from pipeline import study as S
+from pipeline.space import load_space
+from pipeline.stage import ConfigError
 from pipeline.trial import Trial, running
 
 SPACE: dict[str, Any] = {
@@ -136,7 +138,7 @@ def test_a_refusing_database_is_one_line(project: Path) -> None:
 def test_a_changed_search_space_cannot_join_the_study_it_differs_from(project: Path) -> None:
     write_space(project, "s", SPACE)
     url = f"sqlite:///{project / 'optuna.db'}"
-    S.open_study("s", S.load_space("s"), url, heartbeat=10)
+    S.open_study("s", load_space("s"), url, heartbeat=10)
     write_space(project, "s", SPACE | {"set": {"train.epochs": 4}})
     out = call_stage("study", project, "s", "--storage", url)
     assert "studies/s.yaml differs from the search space study 's' started with" in one_error(out)
@@ -146,7 +148,7 @@ def test_a_trial_reports_prunes_and_stops_when_its_worker_is_gone(project: Path)
     """The train stage's side, across the process boundary: by trial id in the shared storage."""
     write_space(project, "s", SPACE)
     url = f"sqlite:///{project / 'optuna.db'}"
-    study, _ = S.open_study("s", S.load_space("s"), url, heartbeat=10)
+    study, _ = S.open_study("s", load_space("s"), url, heartbeat=10)
     for value in (0.9, 0.8):  # two finished trials: the median pruner's startup
         trial = study.ask()
         trial.report(value - 0.1, 0)
@@ -169,10 +171,10 @@ def test_a_trial_reports_prunes_and_stops_when_its_worker_is_gone(project: Path)
     study.tell(asked, state=optuna.trial.TrialState.PRUNED)
     # pid 2**22 + 1: above Linux's largest pid
     dead = Trial("s", other.number, other._trial_id, url, "median", "val_accuracy", 2**22 + 1, None)
-    with pytest.raises(S.ConfigError, match=r"its worker \(pid 4194305\) has stopped"):
+    with pytest.raises(ConfigError, match=r"its worker \(pid 4194305\) has stopped"):
         dead.report(2, {"val_accuracy": 0.3}, last=False)
     study.tell(other, state=optuna.trial.TrialState.FAIL)
-    with pytest.raises(S.ConfigError, match=r"no longer runs it \(state FAIL\)"):
+    with pytest.raises(ConfigError, match=r"no longer runs it \(state FAIL\)"):
         trial.report(2, {"val_accuracy": 0.3}, last=False)
 
 

@@ -65,23 +65,28 @@ def make_sampler(space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed)
 
 
-def open_study(name: str, space: Space, url: str, heartbeat: int) -> tuple[optuna.Study, bool]:
-    """Create the study, or join it; True if this worker created it."""
+def open_study(
+    name: str, space: Space, url: str, heartbeat: int, create: bool = True
+) -> tuple[optuna.Study, bool]:
+    """Create the study (unless not create), or join it; True if this worker created it."""
     quiet()
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
     db = storage(url, heartbeat_interval=heartbeat, heartbeat_stale_trial_callback=retry)
     kwargs = {"study_name": name, "storage": db, "pruner": pruner(space.pruner)}
-    try:
-        sampler = make_sampler(space, space.seed)
-        study = optuna.create_study(
-            direction=OBJECTIVES[space.objective], sampler=sampler, **kwargs
-        )
-        study.set_user_attr("space", space.model_dump())
-        return study, True
-    except optuna.exceptions.DuplicatedStudyError:
-        # A joiner's sampler draws from fresh entropy: with the study's seed, its first draws
-        # would repeat the creator's. (A study is reproducible from its seed with one worker.)
-        study = optuna.load_study(sampler=make_sampler(space, None), **kwargs)
+    if not create and name not in optuna.get_all_study_names(db):
+        raise ConfigError(f"no study {name!r} in {redact(url)}: start it first")
+    if create:
+        try:
+            sampler = make_sampler(space, space.seed)
+            direction = OBJECTIVES[space.objective]
+            study = optuna.create_study(direction=direction, sampler=sampler, **kwargs)
+            study.set_user_attr("space", space.model_dump())
+            return study, True
+        except optuna.exceptions.DuplicatedStudyError:
+            pass  # it exists: join it
+    # A joiner's sampler draws from fresh entropy: with the study's seed, its first draws would
+    # repeat the creator's. (A study is reproducible from its seed with one worker.)
+    study = optuna.load_study(sampler=make_sampler(space, None), **kwargs)
     stored = study.user_attrs.get("space")
     if stored is not None and stored != json.loads(json.dumps(space.model_dump())):
         raise ParamsError(
@@ -289,18 +294,21 @@ def work(
         if done + states.count(TrialState.RUNNING) >= target and TrialState.WAITING not in states:
             time.sleep(heartbeat)  # the last trials run elsewhere; take over if their worker dies
             continue
-        before = len(trials)
+        failed = False
+
+        def counted(trial: optuna.Trial) -> float:
+            nonlocal failed
+            try:
+                return objective(trial)
+            except TrialFailed:
+                failed = True
+                raise
+
         study.optimize(
-            objective,
+            counted,
             n_trials=1,
             catch=(TrialFailed, Surplus),
             callbacks=[lambda s, t: log_progress(s, run_id)],
-        )
-        last = max(study.get_trials(deepcopy=False)[before:], key=lambda t: t.number, default=None)
-        failed = (
-            last is not None
-            and last.state == TrialState.FAIL
-            and not last.user_attrs.get("surplus")
         )
         failures = failures + 1 if failed else 0
         if failures >= MAX_FAILURES:
@@ -404,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
         or os.environ.get(STORAGE_ENV)
         or f"sqlite:///{store.project_root() / 'optuna.db'}"
     )
-    study, created = open_study(args.name, space, url, args.heartbeat)
+    study, created = open_study(args.name, space, url, args.heartbeat, create=not args.finish)
     experiment_id = store.configure()
     run_id = study_run(study, created, space, experiment_id)
     if args.finish:

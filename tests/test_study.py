@@ -135,6 +135,12 @@ def test_a_refusing_database_is_one_line(project: Path) -> None:
     assert "password authentication failed" in line and "not-the-password" not in line, line
 
 
+def test_finish_before_the_study_started_says_so(project: Path) -> None:
+    write_space(project, "s", SPACE)
+    out = call_stage("study", project, "s", "--finish")
+    assert one_error(out) == f"error: no study 's' in sqlite:///{project}/optuna.db: start it first"
+
+
 def test_a_changed_search_space_cannot_join_the_study_it_differs_from(project: Path) -> None:
     write_space(project, "s", SPACE)
     url = f"sqlite:///{project / 'optuna.db'}"

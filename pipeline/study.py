@@ -65,6 +65,26 @@ def make_sampler(space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed)
 
 
+def check_names_free(name: str, url: str) -> None:
+    """A new study's trials must not meet DVC experiments of an earlier study of that name (say,
+    before optuna.db was deleted): `dvc exp run -n NAME-0` would refuse each of them."""
+    if name in optuna.get_all_study_names(storage(url)):
+        return  # joining: its experiments are this study's
+    listed = subprocess.run(
+        ["dvc", "exp", "list", "--all-commits", "--name-only"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    taken = sorted(e for e in listed if e.startswith(f"{name}-"))
+    if taken:
+        raise ConfigError(
+            f"study {name!r} is new in {redact(url)}, but DVC experiments {', '.join(taken[:3])}"
+            f"{' …' if len(taken) > 3 else ''} exist from an earlier one: choose another name, or "
+            f"`dvc exp remove {' '.join(taken[:3])}{' …' if len(taken) > 3 else ''}`"
+        )
+
+
 def open_study(
     name: str, space: Space, url: str, heartbeat: int, create: bool = True
 ) -> tuple[optuna.Study, bool]:
@@ -412,6 +432,8 @@ def main(argv: list[str] | None = None) -> None:
         or os.environ.get(STORAGE_ENV)
         or f"sqlite:///{store.project_root() / 'optuna.db'}"
     )
+    if not args.finish:
+        check_names_free(args.name, url)
     study, created = open_study(args.name, space, url, args.heartbeat, create=not args.finish)
     experiment_id = store.configure()
     run_id = study_run(study, created, space, experiment_id)
@@ -422,7 +444,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         work(study, space, url, run_id, args.trials or space.trials, args.heartbeat)
     except KeyboardInterrupt:  # Ctrl-C: Optuna has marked the running trial FAIL
-        print(f"study {args.name}: worker interrupted; its trial runs again in the next worker")
+        clean_killed_trials(args.name)
+        print(f"study {args.name}: interrupted; its trial is FAIL, the study runs another instead")
         sys.exit(130)
     if run_id:
         MlflowClient().set_terminated(run_id, "FINISHED")

@@ -28,11 +28,12 @@ OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}  # never a tes
 
 
 def quiet() -> None:
-    """No Optuna INFO lines or warnings that the heartbeat (which we use) is experimental."""
+    """No Optuna INFO lines, nor warnings that the heartbeat (which we use) is experimental."""
     import optuna
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a failed trial is our own line (study.py), not Optuna's warning with a traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 def pruner(name: str) -> optuna.pruners.BasePruner:

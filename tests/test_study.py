@@ -289,6 +289,11 @@ def test_a_study_on_the_embedded_store_prunes_agrees_everywhere_and_registers_on
     assert "was registered already" in again.stdout
     assert len(client.search_model_versions("name = 'rnn-mnist'")) == 1
 
+    # a new study of the same name (optuna.db deleted) would meet its predecessor's experiments
+    (repo / "optuna.db").unlink()
+    out = sh(sys.executable, "-m", "pipeline.study", "s", cwd=repo, check=False)
+    assert "but DVC experiments s-0, s-1, s-2 … exist from an earlier one" in one_error(out)
+
 
 def start_worker(repo: Path, url: str, cpu: int) -> subprocess.Popen[str]:
     """A worker pinned to one core (so one thread per op), heartbeat every 2 s."""

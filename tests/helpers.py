@@ -128,10 +128,13 @@ def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return sh(sys.executable, "-m", "dvc", *args, cwd=cwd)
 
 
-def start_repro(repo: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """`dvc repro` in the background, in its own process group (one killpg reaches the stage)."""
+def start_repro(
+    repo: Path, env: dict[str, str] | None = None, targets: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """`dvc repro [targets]` in the background, in its own process group (one killpg reaches the
+    stage)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro"],
+        [sys.executable, "-m", "dvc", "repro", *targets],
         cwd=repo,
         env=env or clean_env(),
         start_new_session=True,
@@ -245,14 +248,21 @@ def start_queue(repo: Path, env: dict[str, str] | None = None, jobs: int = 2) ->
 
 
 def wait_for_queue(repo: Path, env: dict[str, str] | None = None, seconds: float = 900) -> str:
-    """Wait until `dvc queue status` shows nothing queued or running; return what it shows."""
+    """Wait until `dvc queue status` shows nothing queued or running; return what it shows.
+
+    Each look is a dvc process, about a second of CPU taken from the queue: one every 10 s, or
+    sooner when git's refs of experiments change (an experiment ended), which costs nothing."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        time.sleep(10)  # each look is a dvc process: about a second of CPU taken from the queue
+    while True:
         status = sh(sys.executable, "-m", "dvc", "queue", "status", cwd=repo, env=env).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-    return status
+        if ("Queued" not in status and "Running" not in status) or time.monotonic() > deadline:
+            return status
+        refs = sh("git", "for-each-ref", "refs/exps", cwd=repo).stdout
+        for _ in range(10):
+            time.sleep(1)
+            if sh("git", "for-each-ref", "refs/exps", cwd=repo).stdout != refs:
+                time.sleep(1)  # the queue marks the experiment done just after its ref
+                break
 
 
 def post(url: str, body: object) -> tuple[int, dict]:

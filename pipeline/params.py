@@ -249,6 +249,11 @@ def flow_depth(text: str) -> int:
 
 def load(path: Path = PARAMS_FILE) -> Params:
     """Read and validate params.yaml; raise ParamsError with one clear message."""
+    return parse(read_yaml(path), str(path))
+
+
+def read_yaml(path: Path) -> Any:
+    """A small YAML file as DVC reads it, refused in one ParamsError line if it is not one."""
     try:
         with path.open("rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)
@@ -269,7 +274,7 @@ def load(path: Path = PARAMS_FILE) -> Params:
         raise ParamsError(f"{path}: not valid YAML: {where}{' '.join(str(exc).split())}") from None
     except RecursionError:  # the parser recurses once per level of nesting
         raise ParamsError(f"{path}: nested deeper than {MAX_DEPTH} levels") from None
-    return parse(raw, str(path))
+    return raw
 
 
 def misindented(text: str) -> str | None:

@@ -29,6 +29,15 @@ from pipeline.io import atomic_path, load_npz, read_json, write_csv, write_json
 from pipeline.model import build_model, score
 from pipeline.stage import LOGS, MODELS, PREPARED, need_space, run_stage
 from pipeline.tf import keras, tf
+from pipeline.trial import Trial
+
+EPOCH_HEADER = [
+    "epoch",
+    "accuracy",
+    "loss",
+    "val_accuracy",
+    "val_loss",
+]  # logs/<readout>/epochs.csv
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -71,10 +80,12 @@ def fit(
     state: TrainState,
     save: Callable[[], None],
     stop: Callable[[], bool],
-) -> None:
+    trial: Trial | None = None,
+) -> bool:
     """Train from `state` to params.train.epochs, updating `state` as it goes.
 
-    Calls save() after every epoch, and after the current batch when stop() turns true.
+    Calls save() after every epoch, and after the current batch when stop() turns true. A trial
+    of a study reports every epoch; True if its pruner stopped training early.
     """
     cfg, seed = params.train, params.train_seed
     x_train, y_train = data["x_train"], data["y_train"]
@@ -124,6 +135,10 @@ def fit(
         print(
             f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items())
         )
+        if trial and trial.report(epoch, row, last=state.epoch == cfg.epochs):
+            print(f"trial {trial.number} of study {trial.study}: pruned after epoch {epoch + 1}")
+            return True
+    return False
 
 
 def train(readout: str) -> None:
@@ -176,6 +191,9 @@ def train_locked(
         "train.seed": str(params.train_seed),
     }
     run_name = f"{m.cell}-{meta['order']}-{readout}"
+    if trial := Trial.from_env():  # a study's trial (pipeline/study.py)
+        tags |= trial.tags()
+        run_name = f"{trial.study}-{trial.number}"
     with tracking.run(experiment_id, state.run_id, run_name, flat, tags) as run_id:
         state.run_id = run_id
         log = tracking.MetricBuffer(run_id)
@@ -193,9 +211,12 @@ def train_locked(
             train_step = fastrnn.make_train_step(
                 model, optimizer, readout, params.train.tbptt_steps
             )
-            fit(model, train_step, data, params, log, state, save, stop_requested)
+            pruned = fit(model, train_step, data, params, log, state, save, stop_requested, trial)
         state.seconds += time.perf_counter() - started
-        write_outputs(readout, model, data, state, log.seconds, experiment_id)
+        write_outputs(readout, model, data, state, log.seconds, experiment_id, pruned)
+        if trial:  # marked, not FAILED-looking: a pruned trial is a result of the study
+            last = dict(zip(EPOCH_HEADER, state.epoch_rows[-1], strict=True))
+            trial.done(run_id, last, len(state.epoch_rows), pruned)
     shutil.rmtree(ckpt_path.parent, ignore_errors=True)
 
 
@@ -206,8 +227,13 @@ def write_outputs(
     state: TrainState,
     logging_seconds: float,
     experiment_id: str,
+    pruned: bool = False,
 ) -> None:
-    """Log the cost and the model to MLflow; write models/<readout>/ and logs/<readout>/."""
+    """Log the cost and the model to MLflow; write models/<readout>/ and logs/<readout>/.
+
+    logs/<readout>/metrics.json holds the last epoch's validation scores, for `dvc exp show`
+    (a study's objective): the test set is evaluate's alone.
+    """
     seconds, samples = state.seconds, len(data["y_train"]) * len(state.epoch_rows)
     tracking.log_cost(seconds, samples, logging_seconds)
     model_uri = tracking.log_model(model, data["x_train"][:2])
@@ -218,8 +244,11 @@ def write_outputs(
         write_json(tmp / "run.json", run)
     batch_header = ["step", "batch_accuracy", "batch_loss"]
     write_csv(LOGS / readout / "batches.csv", batch_header, state.batch_rows)
-    epoch_header = ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"]
-    write_csv(LOGS / readout / "epochs.csv", epoch_header, state.epoch_rows)
+    write_csv(LOGS / readout / "epochs.csv", EPOCH_HEADER, state.epoch_rows)
+    last = dict(zip(EPOCH_HEADER, state.epoch_rows[-1], strict=True))
+    scores = {"val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"]}
+    epochs = {"epochs": len(state.epoch_rows), "pruned": pruned}
+    write_json(LOGS / readout / "metrics.json", scores | epochs)
     print(
         f"train {readout}: {seconds:.1f} s, {samples / seconds:,.0f} samples/s, run {run['run_id']}"
     )

@@ -124,6 +124,16 @@ def call_stages(repo: Path, stages: tuple[tuple[str, ...], ...], env: dict[str, 
         assert out.returncode == 0, f"{stage}:\n{out.stderr[-3000:]}"
 
 
+def find_exp(shown: list[dict], name: str) -> dict:
+    """The experiment called name in `dvc exp show --json`."""
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp["revs"]:
+                if rev.get("name") == name:
+                    return rev["data"]
+    raise AssertionError(f"{name} is not in dvc exp show")
+
+
 def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return sh(sys.executable, "-m", "dvc", *args, cwd=cwd)
 

@@ -24,6 +24,7 @@ from helpers import (
     call_stage,
     clean_env,
     copy_project,
+    find_exp,
     poll,
     sh,
     start_queue,
@@ -45,16 +46,6 @@ PARAMS = {
 }
 LRS = {"a": ("0.003",), "b": ("0.004",)}  # not the baseline's
 BATCH_KEYS = ("batch_accuracy", "batch_loss")
-
-
-def find_exp(shown: list[dict], name: str) -> dict:
-    """The experiment called name in `dvc exp show --json`."""
-    for commit in shown:
-        for exp in commit.get("experiments") or []:
-            for rev in exp["revs"]:
-                if rev.get("name") == name:
-                    return rev["data"]
-    raise AssertionError(f"{name} is not in dvc exp show")
 
 
 def test_two_machines_share_a_server_a_dvc_remote_and_experiments(

@@ -23,11 +23,12 @@ from pipeline import datasets
 # worker starts one of them near the end while the other has nothing left (pyproject.toml runs
 # modules in this order: --no-loadscope-reorder). The quick modules then fill both workers.
 # Ranked by the summed --durations of a full run (2026-12-01), less what the tests' speed-ups of
-# 2026-12-02 measured (basic-auth login cache, one-worker readers, shared killed trainers).
-LONGEST_FIRST = ("test_pipeline", "test_team", "test_resume", "test_refusals", "test_server")
-LONGEST_FIRST += ("test_concurrency", "test_users", "test_tracking_load", "test_checkpoint")
-LONGEST_FIRST += ("test_report",)
-LONGEST_FIRST += ("test_disk_full", "test_migrate", "test_train", "test_fastrnn", "test_tracking")
+# 2026-12-02 measured (basic-auth login cache, one-worker readers, shared killed trainers); the
+# studies (~4-5 min of CPU, part of it on both cores) first.
+LONGEST_FIRST = ("test_study", "test_pipeline", "test_team", "test_resume", "test_refusals")
+LONGEST_FIRST += ("test_server", "test_concurrency", "test_users", "test_tracking_load")
+LONGEST_FIRST += ("test_checkpoint", "test_report", "test_disk_full", "test_migrate", "test_train")
+LONGEST_FIRST += ("test_fastrnn", "test_tracking")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -138,10 +138,13 @@ def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return sh(sys.executable, "-m", "dvc", *args, cwd=cwd)
 
 
-def start_repro(repo: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """`dvc repro` in the background, in its own process group (one killpg reaches the stage)."""
+def start_repro(
+    repo: Path, env: dict[str, str] | None = None, targets: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """`dvc repro [targets]` in the background, in its own process group (one killpg reaches the
+    stage)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro"],
+        [sys.executable, "-m", "dvc", "repro", *targets],
         cwd=repo,
         env=env or clean_env(),
         start_new_session=True,
@@ -168,6 +171,12 @@ def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120) -> 
 
 
 ADMIN = ("admin", "Adm1n-password-for-tests")  # the basic-auth server's admin in tests
+AUTH_INI = """[mlflow]
+default_permission = READ
+database_uri = sqlite:///basic_auth.db
+admin_username = admin
+auth_cache_ttl_seconds = 600
+"""
 
 
 def start_server(
@@ -186,6 +195,10 @@ def start_server(
     if auth:
         command += ["--app-name", "basic-auth"]
         env |= {"MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1], "MLFLOW_FLASK_SERVER_SECRET_KEY": "test"}
+        # MLflow's basic_auth.ini, but with its login cache on (docs/team.md): without it every
+        # request hashes the password anew, ~0.4 s of the server's CPU, 2-3 min per test here.
+        (folder / "basic_auth.ini").write_text(AUTH_INI)
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(folder / "basic_auth.ini")
     with (folder / "server.log").open("w") as log:
         server = subprocess.Popen(
             command, cwd=folder, env=env, stdout=log, stderr=log, start_new_session=True
@@ -245,14 +258,21 @@ def start_queue(repo: Path, env: dict[str, str] | None = None, jobs: int = 2) ->
 
 
 def wait_for_queue(repo: Path, env: dict[str, str] | None = None, seconds: float = 900) -> str:
-    """Wait until `dvc queue status` shows nothing queued or running; return what it shows."""
+    """Wait until `dvc queue status` shows nothing queued or running; return what it shows.
+
+    Each look is a dvc process, about a second of CPU taken from the queue: one every 10 s, or
+    sooner when git's refs of experiments change (an experiment ended), which costs nothing."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        time.sleep(10)  # each look is a dvc process: about a second of CPU taken from the queue
+    while True:
         status = sh(sys.executable, "-m", "dvc", "queue", "status", cwd=repo, env=env).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-    return status
+        if ("Queued" not in status and "Running" not in status) or time.monotonic() > deadline:
+            return status
+        refs = sh("git", "for-each-ref", "refs/exps", cwd=repo).stdout
+        for _ in range(10):
+            time.sleep(1)
+            if sh("git", "for-each-ref", "refs/exps", cwd=repo).stdout != refs:
+                time.sleep(1)  # the queue marks the experiment done just after its ref
+                break
 
 
 def post(url: str, body: object) -> tuple[int, dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -128,26 +129,36 @@ def test_the_fingerprint_is_stable_and_json_of_the_state_round_trips() -> None:
     assert TrainState(**dataclasses.asdict(state)) == state
 
 
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trainer process killed with -9 after its first checkpoint: its run stays RUNNING, its
+    checkpoint stays. Once per module; each test damages a copy (`cp -r`) of the folder."""
+    folder = tmp_path_factory.mktemp("killed")
+    tiny = {"model": {"input_units": 4, "units": 4}, "readouts": ["state_h"]}
+    write_params(folder, tiny | {"train": {"epochs": 4, "batch_size": 5}})
+    write_prepared(folder)
+    command = [sys.executable, "-m", "pipeline.train", "--readout", "state_h"]
+    process = subprocess.Popen(command, cwd=folder, env=clean_env())
+    assert wait_for(folder / CHECKPOINT, process, seconds=600)  # a busy machine takes minutes
+    process.kill()
+    process.wait()
+    return folder
+
+
 @pytest.mark.slow  # a trainer process, killed
 @pytest.mark.parametrize("how", ["truncated", "bad CRC"])
 def test_after_a_kill_a_damaged_checkpoint_ends_its_run_and_training_starts_over(
-    tmp_path: Path, how: str
+    killed: Path, tmp_path: Path, how: str
 ) -> None:
-    tiny = {"model": {"input_units": 4, "units": 4}, "readouts": ["state_h"]}
-    write_params(tmp_path, tiny | {"train": {"epochs": 4, "batch_size": 5}})
-    write_prepared(tmp_path)
-    command = [sys.executable, "-m", "pipeline.train", "--readout", "state_h"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=clean_env())
-    assert wait_for(tmp_path / CHECKPOINT, process, seconds=600)  # a busy machine takes minutes
-    process.kill()  # kill -9: the run stays RUNNING, its checkpoint stays
-    process.wait()
-    damage(tmp_path / CHECKPOINT, how)
+    project = tmp_path / "project"
+    shutil.copytree(killed, project)  # the same killed run, damaged as this test says
+    damage(project / CHECKPOINT, how)
 
-    out = call_stage("train", tmp_path, "--readout", "state_h")
+    out = call_stage("train", project, "--readout", "state_h")
     assert out.returncode == 0, out.stderr
     (line,) = [line for line in out.stderr.splitlines() if line.startswith("warning:")]
     assert line.startswith(f"warning: {CHECKPOINT}: ") and line.endswith(DAMAGED)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(store.EXPERIMENT).experiment_id
     runs = client.search_runs([experiment], order_by=["start_time ASC"])
     old, new = (r.info.status for r in runs)

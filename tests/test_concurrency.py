@@ -46,7 +46,9 @@ PARAMS = {
 def start_ui(repo: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     ui = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "ui", "--port", str(port)],
+        # one worker, not MLflow's 4 (each imports MLflow's server, ~8 s of CPU): one reader
+        # polls each ui, one request at a time
+        [sys.executable, "-m", "mlflow", "ui", "--port", str(port), "--workers", "1"],
         cwd=repo,
         env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),  # as start_server's
         stdout=subprocess.DEVNULL,

@@ -83,14 +83,20 @@ def test_a_step_that_needs_more_than_is_free_refuses_before_it_writes(disk: Path
     assert not (repo / "mlflow.db").exists() and not (repo / "checkpoints").exists()
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project trained once on a disk with room: what a resumed training must give."""
+    reference = project(tmp_path_factory.mktemp("reference"))
+    assert call_stage(*TRAIN[:1], reference, *TRAIN[1:]).returncode == 0
+    return reference
+
+
 # train with 24 KB free: SQLite fills first; with 160 KB: the copy of the model into mlruns/
-@pytest.mark.slow  # trains three times
+@pytest.mark.slow  # trains three times (the reference once for both)
 @pytest.mark.parametrize("leave_kb", [24, 160])
 def test_every_stage_on_a_full_disk_gives_one_line_and_resumes_once_freed(
-    disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, leave_kb: int
+    disk: Path, reference: Path, monkeypatch: pytest.MonkeyPatch, leave_kb: int
 ) -> None:
-    reference = project(tmp_path / "reference")
-    assert call_stage(*TRAIN[:1], reference, *TRAIN[1:]).returncode == 0
     repo = project(disk / "repo")
     # The disk fills while the step runs, as when another process fills it after the step's own
     # check: that check (pipeline.stage.need_space) is left out here.

@@ -14,6 +14,7 @@ from pipeline import register
 from pipeline.packaging import sequence_index
 
 pytestmark = pytest.mark.slow
+SERVER_WORKERS = 1  # one client, migrate, at a time (conftest.py's server fixture)
 MIGRATED = ("migrated.run_id", "migrated.complete")
 PARENT = "mlflow.parentRunId"
 

@@ -52,14 +52,16 @@ def test_dvc_repro_lands_runs_points_models_and_registry_on_the_server(
     module_server: str, tmp_path: Path
 ) -> None:
     server = module_server  # the experiment rnn-mnist-sequences and the model rnn-mnist are ours
-    repo = copy_project(tmp_path / "repo", SMALL)
+    # One readout: what a second adds (two runs in one comparison, two versions) is the same on
+    # any store, and tests/test_pipeline.py checks it; here each costs processes importing TF.
+    repo = copy_project(tmp_path / "repo", SMALL | {"readouts": ["state_h"]})
     env = clean_env(MLFLOW_TRACKING_URI=server)
     sh(sys.executable, "-m", "dvc", "repro", cwd=repo, env=env)
 
     client = MlflowClient(server)
     experiment = client.get_experiment_by_name("rnn-mnist-sequences")
     runs = client.search_runs([experiment.experiment_id], TRAINED)
-    assert sorted(r.data.tags["readout"] for r in runs) == ["output_last", "state_h"]
+    assert [r.data.tags["readout"] for r in runs] == ["state_h"]
     for run in runs:
         assert run.info.status == "FINISHED"
         assert len(client.get_metric_history(run.info.run_id, "batch_accuracy")) == 29
@@ -68,15 +70,15 @@ def test_dvc_repro_lands_runs_points_models_and_registry_on_the_server(
         )
         assert run.data.metrics["test_accuracy"] == evaluated["test_accuracy"]
         assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # the server stores them
-    versions = client.search_model_versions("name = 'rnn-mnist'")
-    assert len(versions) == 2
+    (version,) = client.search_model_versions("name = 'rnn-mnist'")
+    assert version.run_id == runs[0].info.run_id
     assert client.get_model_version_by_alias("rnn-mnist", "champion").version == "1"
     assert not (repo / "mlflow.db").exists() and not (repo / "mlruns").exists()
 
     report = call_stage("report", repo, env={"MLFLOW_TRACKING_URI": server})
     assert report.returncode == 0, report.stderr
     table = (repo / "reports/experiments/report.md").read_text()
-    assert table.startswith("# 2 runs")
+    assert table.startswith("# 1 runs")
 
 
 def test_a_killed_training_resumes_into_the_same_run_on_the_server(

@@ -75,6 +75,22 @@ def _weight_grads(
     return d_x, d_kernel, tf.reduce_sum(dz_flat, 0), d_u
 
 
+def _lstm_local(
+    s: tf.Tensor, g: tf.Tensor, c: tf.Tensor, c_prev: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """dc/dh, the local derivatives of the pre-activations i, f, o, c, and f (last axis gates).
+
+    dz = [dc, dc, dh, dc] * local; the same for one step [B, .] or all steps [T, B, .].
+    """
+    i, f, o = tf.split(s, 3, axis=-1)
+    tanh_c = tf.tanh(c)
+    local = tf.concat(
+        [g * i * (1.0 - i), c_prev * f * (1.0 - f), tanh_c * o * (1.0 - o), i * (1.0 - g * g)],
+        axis=-1,
+    )
+    return o * (1.0 - tanh_c * tanh_c), local, f
+
+
 @tf.custom_gradient
 def lstm_sequence(
     x: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor, kernel: tf.Tensor, u: tf.Tensor, bias: tf.Tensor
@@ -98,23 +114,9 @@ def lstm_sequence(
     _, (hs, cs, ss, gs) = _scan(step, (h0, c0), [_project(x, kernel, bias)], widths)
 
     def grad(d_hs: tf.Tensor | None, d_cs: tf.Tensor | None) -> tuple[tf.Tensor, ...]:
-        # Everything that does not depend on the incoming gradient, for all steps at once.
-        i, f, o = tf.split(ss, 3, axis=2)
-        c_prev = tf.concat([c0[None], cs[:-1]], 0)
-        tanh_c = tf.tanh(cs)
-        dc_dh = o * (1.0 - tanh_c * tanh_c)
-        # dz = [dc, dc, dh, dc] * local: the derivatives of the pre-activations i, f, o, c.
-        local = tf.concat(
-            [
-                gs * i * (1.0 - i),
-                c_prev * f * (1.0 - f),
-                tanh_c * o * (1.0 - o),
-                i * (1.0 - gs * gs),
-            ],
-            axis=2,
-        )
         d_hs = tf.zeros_like(hs) if d_hs is None else d_hs
         d_cs = tf.zeros_like(cs) if d_cs is None else d_cs
+        c_prev = tf.concat([c0[None], cs[:-1]], 0)
         u_t = tf.transpose(u)
 
         def back(carry: tuple, d_h_t, d_c_t, dc_dh_t, local_t, f_t) -> tuple:
@@ -124,8 +126,20 @@ def lstm_sequence(
             dz = tf.concat([dc, dc, dh, dc], 1) * local_t
             return (tf.matmul(dz, u_t), dc * f_t), (dz,)
 
+        if hs.shape[0] <= UNROLL_MAX:
+            # What does not depend on the incoming gradient, for all steps at once: fewer ops.
+            xs = [d_hs, d_cs, *_lstm_local(ss, gs, cs, c_prev)]
+            step_back = back
+        else:
+            # Long sequences: the same, step by step, so that it does not hold five more
+            # [T, B, H] tensors (the pixel order's memory, benchmarks/RESULTS.md).
+            xs = [d_hs, d_cs, ss, gs, cs, c_prev]
+
+            def step_back(carry: tuple, d_h_t, d_c_t, *kept: tf.Tensor) -> tuple:
+                return back(carry, d_h_t, d_c_t, *_lstm_local(*kept))
+
         carry = (tf.zeros_like(h0), tf.zeros_like(c0))
-        (dh, dc), (dz,) = _scan(back, carry, [d_hs, d_cs, dc_dh, local, f], [4 * units], True)
+        (dh, dc), (dz,) = _scan(step_back, carry, xs, [4 * units], True)
         h_prev = tf.concat([h0[None], hs[:-1]], 0)
         d_x, d_kernel, d_bias, d_u = _weight_grads(x, kernel, dz, h_prev, dz)
         return d_x, dh, dc, d_kernel, d_u, d_bias

@@ -147,6 +147,22 @@ def lstm_sequence(
     return (hs, cs), grad
 
 
+def _gru_local(
+    z: tf.Tensor, r: tf.Tensor, hh: tf.Tensor, r_h: tf.Tensor, h_prev: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The local derivatives of the GRU's pre-activations z, r, h: x·kernel side, h·u side.
+
+    d(pre-activation) = [dh, dh, dh] * local; the same for one step [B, .] or all [T, B, .].
+    """
+    local_h = (1.0 - z) * (1.0 - hh * hh)
+    local_z = (h_prev - hh) * z * (1.0 - z)
+    local_r = local_h * r_h * r * (1.0 - r)
+    return (
+        tf.concat([local_z, local_r, local_h], axis=-1),
+        tf.concat([local_z, local_r, local_h * r], axis=-1),
+    )
+
+
 @tf.custom_gradient
 def gru_sequence(
     x: tf.Tensor, h0: tf.Tensor, kernel: tf.Tensor, u: tf.Tensor, bias: tf.Tensor, rbias: tf.Tensor
@@ -170,13 +186,7 @@ def gru_sequence(
     _, (hs, zs, rs, hhs, r_hs) = _scan(step, (h0,), [_project(x, kernel, bias)], widths)
 
     def grad(d_hs: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        # d(pre-activation) = dh * local, with local known for all steps before the loop.
         h_prev = tf.concat([h0[None], hs[:-1]], 0)
-        local_h = (1.0 - zs) * (1.0 - hhs * hhs)
-        local_z = (h_prev - hhs) * zs * (1.0 - zs)
-        local_r = local_h * r_hs * rs * (1.0 - rs)
-        local_x = tf.concat([local_z, local_r, local_h], axis=2)  # x·kernel side
-        local_u = tf.concat([local_z, local_r, local_h * rs], axis=2)  # h·u side
         u_t = tf.transpose(u)
 
         def back(carry: tuple, d_h_t: tf.Tensor, z_t: tf.Tensor, local_u_t: tf.Tensor) -> tuple:
@@ -184,10 +194,25 @@ def gru_sequence(
             d_rec = tf.tile(dh, [1, 3]) * local_u_t
             return (dh * z_t + tf.matmul(d_rec, u_t),), (dh,)
 
-        (dh0,), (dh,) = _scan(back, (tf.zeros_like(h0),), [d_hs, zs, local_u], [units], True)
-        dh3 = tf.tile(dh, [1, 1, 3])
-        d_rec = dh3 * local_u
-        d_x, d_kernel, d_bias, d_u = _weight_grads(x, kernel, dh3 * local_x, h_prev, d_rec)
+        if hs.shape[0] <= UNROLL_MAX:  # local for all steps at once: fewer ops
+            local_x, local_u = _gru_local(zs, rs, hhs, r_hs, h_prev)
+            (dh0,), (dh,) = _scan(back, (tf.zeros_like(h0),), [d_hs, zs, local_u], [units], True)
+            dh3 = tf.tile(dh, [1, 1, 3])
+            d_in, d_rec = dh3 * local_x, dh3 * local_u
+        else:
+            # Long sequences: local step by step rather than held for all steps (the memory).
+            def step_back(carry: tuple, d_h_t: tf.Tensor, z_t: tf.Tensor, *kept) -> tuple:
+                local_x_t, local_u_t = _gru_local(z_t, *kept)
+                dh = carry[0] + d_h_t
+                dh3 = tf.tile(dh, [1, 3])
+                d_rec = dh3 * local_u_t
+                return (dh * z_t + tf.matmul(d_rec, u_t),), (dh3 * local_x_t, d_rec)
+
+            xs = [d_hs, zs, rs, hhs, r_hs, h_prev]
+            (dh0,), (d_in, d_rec) = _scan(
+                step_back, (tf.zeros_like(h0),), xs, [3 * units] * 2, True
+            )
+        d_x, d_kernel, d_bias, d_u = _weight_grads(x, kernel, d_in, h_prev, d_rec)
         return d_x, dh0, d_kernel, d_u, d_bias, tf.reduce_sum(d_rec, [0, 1])
 
     return hs, grad

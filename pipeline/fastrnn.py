@@ -8,7 +8,8 @@ agree with model(x) to float32 rounding (tests/test_fastrnn.py). Why it is faste
 - The input projection and the cell's input kernel are both linear: x·Wp·K + (bp·K + b) is one
   matmul with the small product Wp·K, for all steps at once, before the recurrence.
 - A hand-written gradient: only one matmul by Uᵀ runs step by step; the weight gradients are one
-  large matmul each over all steps, and the gate derivatives are computed for all steps at once.
+  large matmul each over all steps, and the gate derivatives are computed for all steps at once
+  (step by step in the backward loop for long sequences such as pixels, to hold less memory).
 - The batch runs as two independent half-batch recurrences, so that the small serial ops of one
   overlap those of the other on a second core.
 """

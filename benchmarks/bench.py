@@ -22,6 +22,7 @@ Timing lives here, never in the tests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -37,6 +38,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
+if sys.argv[1:3] == ["--worker", "torch"]:
+    # PyTorch's triton crashes (SIGSEGV) when its LLVM loads after TensorFlow's: load it first.
+    with contextlib.suppress(ImportError):
+        import torch._dynamo  # what imports triton
 
 from pipeline import fastrnn, tracking
 from pipeline.checkpoint import TrainState
@@ -142,7 +147,7 @@ def stock_keras(x: np.ndarray, y: np.ndarray, cell: str) -> Callable[[], float]:
 
 def pytorch(x: np.ndarray, y: np.ndarray, cell: str) -> Callable[[], float] | None:
     try:
-        import torch
+        import torch._dynamo  # what imports triton
     except ImportError:
         return None
     torch.set_num_threads(os.cpu_count() or 1)  # as TensorFlow's default

@@ -8,7 +8,8 @@ agree with model(x) to float32 rounding (tests/test_fastrnn.py). Why it is faste
 - The input projection and the cell's input kernel are both linear: x·Wp·K + (bp·K + b) is one
   matmul with the small product Wp·K, for all steps at once, before the recurrence.
 - A hand-written gradient: only one matmul by Uᵀ runs step by step; the weight gradients are one
-  large matmul each over all steps, and the gate derivatives are computed for all steps at once.
+  large matmul each over all steps, and the gate derivatives are computed for all steps at once
+  (step by step in the backward loop for long sequences such as pixels, to hold less memory).
 - The batch runs as two independent half-batch recurrences, so that the small serial ops of one
   overlap those of the other on a second core.
 """
@@ -75,6 +76,22 @@ def _weight_grads(
     return d_x, d_kernel, tf.reduce_sum(dz_flat, 0), d_u
 
 
+def _lstm_local(
+    s: tf.Tensor, g: tf.Tensor, c: tf.Tensor, c_prev: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """dc/dh, the local derivatives of the pre-activations i, f, o, c, and f (last axis gates).
+
+    dz = [dc, dc, dh, dc] * local; the same for one step [B, .] or all steps [T, B, .].
+    """
+    i, f, o = tf.split(s, 3, axis=-1)
+    tanh_c = tf.tanh(c)
+    local = tf.concat(
+        [g * i * (1.0 - i), c_prev * f * (1.0 - f), tanh_c * o * (1.0 - o), i * (1.0 - g * g)],
+        axis=-1,
+    )
+    return o * (1.0 - tanh_c * tanh_c), local, f
+
+
 @tf.custom_gradient
 def lstm_sequence(
     x: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor, kernel: tf.Tensor, u: tf.Tensor, bias: tf.Tensor
@@ -98,23 +115,9 @@ def lstm_sequence(
     _, (hs, cs, ss, gs) = _scan(step, (h0, c0), [_project(x, kernel, bias)], widths)
 
     def grad(d_hs: tf.Tensor | None, d_cs: tf.Tensor | None) -> tuple[tf.Tensor, ...]:
-        # Everything that does not depend on the incoming gradient, for all steps at once.
-        i, f, o = tf.split(ss, 3, axis=2)
-        c_prev = tf.concat([c0[None], cs[:-1]], 0)
-        tanh_c = tf.tanh(cs)
-        dc_dh = o * (1.0 - tanh_c * tanh_c)
-        # dz = [dc, dc, dh, dc] * local: the derivatives of the pre-activations i, f, o, c.
-        local = tf.concat(
-            [
-                gs * i * (1.0 - i),
-                c_prev * f * (1.0 - f),
-                tanh_c * o * (1.0 - o),
-                i * (1.0 - gs * gs),
-            ],
-            axis=2,
-        )
         d_hs = tf.zeros_like(hs) if d_hs is None else d_hs
         d_cs = tf.zeros_like(cs) if d_cs is None else d_cs
+        c_prev = tf.concat([c0[None], cs[:-1]], 0)
         u_t = tf.transpose(u)
 
         def back(carry: tuple, d_h_t, d_c_t, dc_dh_t, local_t, f_t) -> tuple:
@@ -124,13 +127,41 @@ def lstm_sequence(
             dz = tf.concat([dc, dc, dh, dc], 1) * local_t
             return (tf.matmul(dz, u_t), dc * f_t), (dz,)
 
+        if hs.shape[0] <= UNROLL_MAX:
+            # What does not depend on the incoming gradient, for all steps at once: fewer ops.
+            xs = [d_hs, d_cs, *_lstm_local(ss, gs, cs, c_prev)]
+            step_back = back
+        else:
+            # Long sequences: the same, step by step, so that it does not hold five more
+            # [T, B, H] tensors (the pixel order's memory, benchmarks/RESULTS.md).
+            xs = [d_hs, d_cs, ss, gs, cs, c_prev]
+
+            def step_back(carry: tuple, d_h_t, d_c_t, *kept: tf.Tensor) -> tuple:
+                return back(carry, d_h_t, d_c_t, *_lstm_local(*kept))
+
         carry = (tf.zeros_like(h0), tf.zeros_like(c0))
-        (dh, dc), (dz,) = _scan(back, carry, [d_hs, d_cs, dc_dh, local, f], [4 * units], True)
+        (dh, dc), (dz,) = _scan(step_back, carry, xs, [4 * units], True)
         h_prev = tf.concat([h0[None], hs[:-1]], 0)
         d_x, d_kernel, d_bias, d_u = _weight_grads(x, kernel, dz, h_prev, dz)
         return d_x, dh, dc, d_kernel, d_u, d_bias
 
     return (hs, cs), grad
+
+
+def _gru_local(
+    z: tf.Tensor, r: tf.Tensor, hh: tf.Tensor, r_h: tf.Tensor, h_prev: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The local derivatives of the GRU's pre-activations z, r, h: x·kernel side, h·u side.
+
+    d(pre-activation) = [dh, dh, dh] * local; the same for one step [B, .] or all [T, B, .].
+    """
+    local_h = (1.0 - z) * (1.0 - hh * hh)
+    local_z = (h_prev - hh) * z * (1.0 - z)
+    local_r = local_h * r_h * r * (1.0 - r)
+    return (
+        tf.concat([local_z, local_r, local_h], axis=-1),
+        tf.concat([local_z, local_r, local_h * r], axis=-1),
+    )
 
 
 @tf.custom_gradient
@@ -156,13 +187,7 @@ def gru_sequence(
     _, (hs, zs, rs, hhs, r_hs) = _scan(step, (h0,), [_project(x, kernel, bias)], widths)
 
     def grad(d_hs: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        # d(pre-activation) = dh * local, with local known for all steps before the loop.
         h_prev = tf.concat([h0[None], hs[:-1]], 0)
-        local_h = (1.0 - zs) * (1.0 - hhs * hhs)
-        local_z = (h_prev - hhs) * zs * (1.0 - zs)
-        local_r = local_h * r_hs * rs * (1.0 - rs)
-        local_x = tf.concat([local_z, local_r, local_h], axis=2)  # x·kernel side
-        local_u = tf.concat([local_z, local_r, local_h * rs], axis=2)  # h·u side
         u_t = tf.transpose(u)
 
         def back(carry: tuple, d_h_t: tf.Tensor, z_t: tf.Tensor, local_u_t: tf.Tensor) -> tuple:
@@ -170,10 +195,25 @@ def gru_sequence(
             d_rec = tf.tile(dh, [1, 3]) * local_u_t
             return (dh * z_t + tf.matmul(d_rec, u_t),), (dh,)
 
-        (dh0,), (dh,) = _scan(back, (tf.zeros_like(h0),), [d_hs, zs, local_u], [units], True)
-        dh3 = tf.tile(dh, [1, 1, 3])
-        d_rec = dh3 * local_u
-        d_x, d_kernel, d_bias, d_u = _weight_grads(x, kernel, dh3 * local_x, h_prev, d_rec)
+        if hs.shape[0] <= UNROLL_MAX:  # local for all steps at once: fewer ops
+            local_x, local_u = _gru_local(zs, rs, hhs, r_hs, h_prev)
+            (dh0,), (dh,) = _scan(back, (tf.zeros_like(h0),), [d_hs, zs, local_u], [units], True)
+            dh3 = tf.tile(dh, [1, 1, 3])
+            d_in, d_rec = dh3 * local_x, dh3 * local_u
+        else:
+            # Long sequences: local step by step rather than held for all steps (the memory).
+            def step_back(carry: tuple, d_h_t: tf.Tensor, z_t: tf.Tensor, *kept) -> tuple:
+                local_x_t, local_u_t = _gru_local(z_t, *kept)
+                dh = carry[0] + d_h_t
+                dh3 = tf.tile(dh, [1, 3])
+                d_rec = dh3 * local_u_t
+                return (dh * z_t + tf.matmul(d_rec, u_t),), (dh3 * local_x_t, d_rec)
+
+            xs = [d_hs, zs, rs, hhs, r_hs, h_prev]
+            (dh0,), (d_in, d_rec) = _scan(
+                step_back, (tf.zeros_like(h0),), xs, [3 * units] * 2, True
+            )
+        d_x, d_kernel, d_bias, d_u = _weight_grads(x, kernel, d_in, h_prev, d_rec)
         return d_x, dh0, d_kernel, d_u, d_bias, tf.reduce_sum(d_rec, [0, 1])
 
     return hs, grad

@@ -31,13 +31,8 @@ from pipeline.stage import LOGS, MODELS, PREPARED, need_space, run_stage
 from pipeline.tf import keras, tf
 from pipeline.trial import Trial
 
-EPOCH_HEADER = [
-    "epoch",
-    "accuracy",
-    "loss",
-    "val_accuracy",
-    "val_loss",
-]  # logs/<readout>/epochs.csv
+# the columns of logs/<readout>/epochs.csv
+EPOCH_HEADER = ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"]
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -214,7 +209,7 @@ def train_locked(
             pruned = fit(model, train_step, data, params, log, state, save, stop_requested, trial)
         state.seconds += time.perf_counter() - started
         write_outputs(readout, model, data, state, log.seconds, experiment_id, pruned)
-        if trial:  # marked, not FAILED-looking: a pruned trial is a result of the study
+        if trial:  # the study reads the result; the run is tagged COMPLETE or PRUNED, not FAILED
             last = dict(zip(EPOCH_HEADER, state.epoch_rows[-1], strict=True))
             trial.done(run_id, last, len(state.epoch_rows), pruned)
     shutil.rmtree(ckpt_path.parent, ignore_errors=True)
